@@ -1,0 +1,83 @@
+"""Typed configs of the data side: rendering recipe, ground-truth volumes, procedural source, shards, loaders.
+
+Every value here is a config key (``data.render.supersample=2`` on any command line); the choices the method left
+open are written down beside their defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RenderConfig:
+    background: str = "gray"  # "gray" (0.5) or "white"; RGBA outputs keep alpha either way
+    supersample: int = 3  # s x s samples at silhouette and triangle-edge pixels (adaptive anti-aliasing); 1 = off
+    ambient: float = 0.45  # Lambert + ambient: albedo * (ambient + diffuse * max(0, n.l))
+    diffuse: float = 0.55
+    light_azimuth_deg: float = 45.0  # a world-fixed directional light, so all views of an object agree
+    light_elevation_deg: float = 55.0
+    random_lighting: bool = False  # per object: random light direction (upper hemisphere) and ambient in [0.3, 0.6]
+    threads: int = 0  # open3d ray-casting threads, 0 = all (the shard builder sets 1 per worker process)
+
+
+@dataclass
+class VolumeConfig:
+    coarse_resolution: int = 64  # occupancy shell grid; cell i has centre -0.5 + (i + 0.5) / R
+    fine_factor: int = 2  # fine support = children of occupied coarse cells at R * fine_factor (128^3)
+    # A coarse cell is occupied when |SDF| at its centre < shell_threshold coarse voxels. Any threshold of at least
+    # sqrt(3)/2 = 0.866 guarantees every surface point lies in an occupied cell; 1.0 is close to LAS-Diffusion's
+    # |SDF_128| < 1/32 in a [-1, 1] frame max-pooled to 64^3.
+    shell_threshold: float = 1.0
+    # SDF truncation used by the fine stage, in normalised units (LAS-Diffusion clips at 0.05 in [-1, 1]^3, which is
+    # 0.025 in our [-0.5, 0.5]^3). Stored SDF values are not clipped; the value is recorded in meta.json.
+    sdf_truncation: float = 0.025
+
+
+@dataclass
+class ProceduralConfig:
+    seed: int = 0  # object i is generated from (seed, i): deterministic and independent of worker order
+    min_parts: int = 1
+    max_parts: int = 3
+    texture_resolution: int = 256
+    file_formats: list[str] = field(default_factory=lambda: ["glb", "obj"])  # object i is written as formats[i % n]
+
+
+@dataclass
+class ShardConfig:
+    max_samples: int = 32  # samples per shard before a new shard starts
+    png_compress_level: int = 1  # zlib level for PNG fields (1 = fast, 9 = small)
+
+
+@dataclass
+class DataConfig:
+    normalize_extent: float = 0.9  # longest bounding-box side after normalisation, inside the cube [-0.5, 0.5]^3
+    layout: str = "zero123pp-v1.2"
+    distance: float | None = None  # None: the framing distance of the layout's FoV (cameras.framing_distance)
+    view_resolution: int = 320  # each target view; the tiled grid is 2 * this wide and 3 * this high
+    cond_resolution: int = 320
+    cond_samples: int = 3  # condition views per object, each with its own six targets
+    cond_elevation_min: float = -10.0
+    cond_elevation_max: float = 40.0
+    seed: int = 0  # per-object randomness (condition poses, lighting) derives from (seed, uid)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    volume: VolumeConfig = field(default_factory=VolumeConfig)
+    procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+
+
+@dataclass
+class LoaderConfig:
+    """What a LightningDataModule reads: shard URL patterns (brace-expanded) and how to stream them."""
+
+    train_shards: str = "data/procedural/shard-{000000..000000}.tar"
+    val_shards: str | None = None  # None: hold out the last shard of train_shards when there are several
+    batch_size: int = 4
+    num_workers: int = 2
+    shuffle_buffer: int = 64
+    resampled: bool = True  # resampled shards + with_epoch: every DDP rank sees the same number of batches
+    epoch_samples: int = 256  # samples per rank per epoch when resampled
+    seed: int = 0
+    background: str = "gray"  # background the RGBA views are composited on ("gray", "white", "random")
+    view_resolution: int | None = None  # resize views on load (None = as stored)
+    cond_resolution: int | None = None

@@ -1,0 +1,225 @@
+"""The in-memory mesh every part of the package works on.
+
+A :class:`Mesh` is a triangle soup with indexed vertices plus everything needed to colour a surface point:
+
+* ``face_uvs`` [F, 3, 2]: texture coordinates per face corner (OBJ convention: origin at the bottom-left of the
+  image, v up), or ``None``;
+* ``corner_colors`` [F, 3, 4]: RGBA per face corner in [0, 1] (vertex colours, or face colours repeated on the
+  three corners), or ``None``;
+* ``face_material`` [F] indexing ``materials``; a :class:`Material` has a base colour factor (RGBA in [0, 1]) and
+  an optional base-colour texture (uint8 [H, W, 3|4]).
+
+The colour of a surface point is ``base_color * texture(uv) * corner_color`` (each factor present or 1), as in the
+glTF metallic-roughness model's base colour. Per-corner attributes avoid vertex splitting at UV seams.
+
+Barycentric coordinates follow open3d's ``primitive_uvs``: ``(b1, b2)`` with the point at
+``(1 - b1 - b2) * v0 + b1 * v1 + b2 * v2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+
+class MeshError(ValueError):
+    """A mesh file or mesh that cannot be used; the message names the file and what is wrong."""
+
+    def __init__(self, source: str, reason: str):
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
+
+
+@dataclass
+class Material:
+    name: str = "default"
+    base_color: np.ndarray = field(default_factory=lambda: np.array([0.8, 0.8, 0.8, 1.0], dtype=np.float32))
+    texture: np.ndarray | None = None  # uint8 [H, W, 3|4]
+
+    def __post_init__(self):
+        self.base_color = np.asarray(self.base_color, dtype=np.float32).reshape(-1)
+        if self.base_color.shape[0] == 3:
+            self.base_color = np.concatenate([self.base_color, [1.0]]).astype(np.float32)
+        if self.texture is not None:
+            tex = np.asarray(self.texture)
+            if tex.ndim == 2:
+                tex = np.repeat(tex[..., None], 3, axis=-1)
+            if tex.dtype != np.uint8:
+                raise TypeError(f"material {self.name!r}: texture must be uint8, got {tex.dtype}")
+            self.texture = np.ascontiguousarray(tex)
+
+
+def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Bilinear lookup with repeat wrapping. ``uv`` [N, 2] in OBJ convention -> RGBA float32 [N, 4] in [0, 1]."""
+    tex = texture.astype(np.float32) / 255.0
+    if tex.shape[-1] == 3:
+        tex = np.concatenate([tex, np.ones(tex.shape[:2] + (1,), np.float32)], axis=-1)
+    h, w = tex.shape[:2]
+    x = np.mod(uv[:, 0], 1.0) * w - 0.5
+    y = (1.0 - np.mod(uv[:, 1], 1.0)) * h - 0.5
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = (x - x0)[:, None].astype(np.float32), (y - y0)[:, None].astype(np.float32)
+    x0 = x0.astype(np.int64) % w
+    y0 = y0.astype(np.int64) % h
+    x1, y1 = (x0 + 1) % w, (y0 + 1) % h
+    top = tex[y0, x0] * (1 - fx) + tex[y0, x1] * fx
+    bottom = tex[y1, x0] * (1 - fx) + tex[y1, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _bary_weights(bary: np.ndarray) -> np.ndarray:
+    bary = np.asarray(bary, dtype=np.float32)
+    return np.stack([1.0 - bary[:, 0] - bary[:, 1], bary[:, 0], bary[:, 1]], axis=-1)
+
+
+@dataclass
+class Mesh:
+    vertices: np.ndarray  # float64 [V, 3]
+    faces: np.ndarray  # int64 [F, 3]
+    face_uvs: np.ndarray | None = None  # float32 [F, 3, 2]
+    corner_colors: np.ndarray | None = None  # float32 [F, 3, 4]
+    face_material: np.ndarray | None = None  # int32 [F]
+    materials: list[Material] = field(default_factory=lambda: [Material()])
+    source: str = ""
+
+    def __post_init__(self):
+        self.vertices = np.asarray(self.vertices, dtype=np.float64).reshape(-1, 3)
+        self.faces = np.asarray(self.faces, dtype=np.int64).reshape(-1, 3)
+        if self.face_material is None:
+            self.face_material = np.zeros(len(self.faces), dtype=np.int32)
+        self.face_material = np.asarray(self.face_material, dtype=np.int32)
+        if self.face_uvs is not None:
+            self.face_uvs = np.asarray(self.face_uvs, dtype=np.float32).reshape(-1, 3, 2)
+        if self.corner_colors is not None:
+            cc = np.asarray(self.corner_colors, dtype=np.float32).reshape(len(self.faces), 3, -1)
+            if cc.shape[-1] == 3:
+                cc = np.concatenate([cc, np.ones(cc.shape[:2] + (1,), np.float32)], axis=-1)
+            self.corner_colors = cc
+        if not self.materials:
+            self.materials = [Material()]
+
+    # --- geometry -------------------------------------------------------------------------------------------
+    @property
+    def num_vertices(self) -> int:
+        return len(self.vertices)
+
+    @property
+    def num_faces(self) -> int:
+        return len(self.faces)
+
+    @property
+    def bounds(self) -> np.ndarray:
+        return np.stack([self.vertices.min(0), self.vertices.max(0)])
+
+    def face_normals(self) -> np.ndarray:
+        """Unit face normals [F, 3] (zero for degenerate faces)."""
+        tri = self.vertices[self.faces]
+        n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        norm = np.linalg.norm(n, axis=1, keepdims=True)
+        return np.divide(n, norm, out=np.zeros_like(n), where=norm > 0)
+
+    def face_areas(self) -> np.ndarray:
+        tri = self.vertices[self.faces]
+        return 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+
+    def vertex_normals(self) -> np.ndarray:
+        """Area-weighted unit vertex normals [V, 3]."""
+        tri = self.vertices[self.faces]
+        n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # area-weighted
+        vn = np.zeros_like(self.vertices)
+        for k in range(3):
+            np.add.at(vn, self.faces[:, k], n)
+        norm = np.linalg.norm(vn, axis=1, keepdims=True)
+        return np.divide(vn, norm, out=np.zeros_like(vn), where=norm > 0)
+
+    def transformed(self, scale: float, offset: np.ndarray) -> Mesh:
+        """A copy with vertices ``v * scale + offset`` (colours untouched)."""
+        return replace(self, vertices=self.vertices * scale + np.asarray(offset, dtype=np.float64))
+
+    # --- appearance -----------------------------------------------------------------------------------------
+    def surface_color(self, face_ids: np.ndarray, bary: np.ndarray) -> np.ndarray:
+        """RGBA float32 [N, 4] in [0, 1] at the surface points given by face ids and barycentrics (b1, b2)."""
+        face_ids = np.asarray(face_ids, dtype=np.int64).reshape(-1)
+        n = len(face_ids)
+        out = np.ones((n, 4), dtype=np.float32)
+        if n == 0:
+            return out
+        w = _bary_weights(np.asarray(bary).reshape(-1, 2))
+        mat_ids = self.face_material[face_ids]
+        for m_id in np.unique(mat_ids):
+            sel = np.nonzero(mat_ids == m_id)[0]
+            mat = self.materials[int(m_id)]
+            col = np.broadcast_to(mat.base_color, (len(sel), 4)).copy()
+            if mat.texture is not None and self.face_uvs is not None:
+                uv = np.einsum("nk,nkc->nc", w[sel], self.face_uvs[face_ids[sel]])
+                col *= sample_texture(mat.texture, uv)
+            out[sel] = col
+        if self.corner_colors is not None:
+            out *= np.einsum("nk,nkc->nc", w, self.corner_colors[face_ids])
+        return out
+
+    # --- checks ---------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`MeshError` naming ``self.source`` when the mesh cannot be used."""
+        src = self.source or "<mesh>"
+        if self.num_vertices == 0:
+            raise MeshError(src, "empty mesh: no vertices")
+        if self.num_faces == 0:
+            raise MeshError(src, "no faces (a point cloud or an empty mesh)")
+        if not np.isfinite(self.vertices).all():
+            bad = int((~np.isfinite(self.vertices)).any(axis=1).sum())
+            raise MeshError(src, f"{bad} vertices have NaN or infinite coordinates")
+        if self.faces.min() < 0 or self.faces.max() >= self.num_vertices:
+            raise MeshError(src, f"face indices outside [0, {self.num_vertices})")
+        extent = np.ptp(self.vertices[np.unique(self.faces)], axis=0)
+        if extent.max() <= 0:
+            raise MeshError(src, "degenerate: all vertices coincide")
+        if (self.face_areas() <= 1e-12 * extent.max() ** 2).all():
+            raise MeshError(src, "degenerate: every face has zero area")
+        if len(self.face_material) != self.num_faces or self.face_material.max() >= len(self.materials):
+            raise MeshError(src, "face material ids do not match the materials list")
+
+    def compact(self) -> Mesh:
+        """Drop zero-area faces and unreferenced vertices."""
+        keep = self.face_areas() > 0
+        faces = self.faces[keep]
+        used, inverse = np.unique(faces, return_inverse=True)
+        return replace(
+            self,
+            vertices=self.vertices[used],
+            faces=inverse.reshape(-1, 3),
+            face_uvs=None if self.face_uvs is None else self.face_uvs[keep],
+            corner_colors=None if self.corner_colors is None else self.corner_colors[keep],
+            face_material=self.face_material[keep],
+        )
+
+
+def concatenate(meshes: list[Mesh], source: str = "") -> Mesh:
+    """One mesh holding all parts (materials are appended, per-corner attributes filled where a part lacks them)."""
+    if not meshes:
+        raise ValueError("concatenate needs at least one mesh")
+    verts, faces, uvs, cols, mats, fmat = [], [], [], [], [], []
+    any_uv = any(m.face_uvs is not None for m in meshes)
+    any_col = any(m.corner_colors is not None for m in meshes)
+    v_off = 0
+    for m in meshes:
+        verts.append(m.vertices)
+        faces.append(m.faces + v_off)
+        v_off += m.num_vertices
+        fmat.append(m.face_material + len(mats))
+        mats.extend(m.materials)
+        if any_uv:
+            uvs.append(m.face_uvs if m.face_uvs is not None else np.zeros((m.num_faces, 3, 2), np.float32))
+        if any_col:
+            cols.append(m.corner_colors if m.corner_colors is not None else np.ones((m.num_faces, 3, 4), np.float32))
+    return Mesh(
+        np.concatenate(verts),
+        np.concatenate(faces),
+        np.concatenate(uvs) if any_uv else None,
+        np.concatenate(cols) if any_col else None,
+        np.concatenate(fmat),
+        mats,
+        source=source or meshes[0].source,
+    )
