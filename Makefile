@@ -1,0 +1,80 @@
+# one2345pp — every target sets up what it needs. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+CLI         := $(VENV)/bin/one2345pp
+# The CPU build of torch (this pin matches the wheel kept on the development machines; an unpinned `torch` pulls a
+# multi-GB CUDA build). GPU clusters install through environment.yml instead.
+TORCH_SPEC  ?= torch==2.13.0
+STAMP       := $(VENV)/.installed
+
+STAGE       ?=
+CONFIG      ?=
+ARGS        ?=
+N           ?= 64
+WORKERS     ?= $(shell nproc 2>/dev/null || echo 2)
+DATA_DIR    ?= data/procedural
+DEMO_DIR    ?= outputs/demo
+GSO_DIR     ?=
+PIPELINE    ?=
+EVAL_OUT    ?= outputs/eval-gso
+
+.PHONY: help setup system-deps test demo data train-stage eval-gso lint bench-data clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@echo "  variables: STAGE=multiview|coarse|fine|texture CONFIG=path ARGS=\"key=value ...\" N=$(N) WORKERS=$(WORKERS)"
+
+system-deps: ## system libraries the stack needs (libusb-1.0 for open3d)
+	@if ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then \
+		echo "libusb-1.0: present"; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+		echo "installing libusb-1.0-0 (needed by open3d)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0 >/dev/null; \
+	else \
+		echo "error: open3d needs the system library libusb-1.0. Install it as root, e.g." >&2; \
+		echo "       sudo apt-get install libusb-1.0-0   (Debian/Ubuntu)   or   conda install -c conda-forge libusb" >&2; \
+		exit 1; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e '.[dev,cpu]'
+	@touch $(STAMP)
+	@echo "virtualenv ready: $(VENV)"
+
+setup: $(STAMP) ## virtualenv .venv with the package (editable), CPU torch and dev tools; system libraries when root
+
+test: $(STAMP) ## the test suite (CPU, a few minutes)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP) ## the main job on the embedded procedural dataset -> outputs/demo/
+	$(CLI) data build --source procedural --num-objects 16 --out $(DEMO_DIR)/data --workers $(WORKERS) $(ARGS)
+	$(CLI) data sheet $(DEMO_DIR)/data --out $(DEMO_DIR)/contact_sheet.png --num 4
+	@echo "demo outputs: $(DEMO_DIR)/ (contact sheet: $(DEMO_DIR)/contact_sheet.png)"
+
+data: $(STAMP) ## build procedural shards: N=64 DATA_DIR=data/procedural WORKERS=nproc ARGS="key=value ..."
+	$(CLI) data build --source procedural --num-objects $(N) --out $(DATA_DIR) --workers $(WORKERS) $(ARGS)
+
+train-stage: $(STAMP) ## train one stage: STAGE=... [CONFIG=path] [ARGS="key=value ..."]
+	@test -n "$(STAGE)" || { echo "usage: make train-stage STAGE=<stage> [CONFIG=path] [ARGS=\"key=value ...\"]" >&2; exit 2; }
+	$(CLI) train --stage $(STAGE) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+eval-gso: $(STAMP) ## score a pipeline on Google Scanned Objects: GSO_DIR=... PIPELINE=...
+	@test -n "$(GSO_DIR)" -a -n "$(PIPELINE)" || { echo "usage: make eval-gso GSO_DIR=path PIPELINE=path" >&2; exit 2; }
+	$(CLI) eval --dataset gso --input $(GSO_DIR) --pipeline $(PIPELINE) --out $(EVAL_OUT) $(ARGS)
+
+lint: $(STAMP) ## ruff over the code
+	$(VENV)/bin/ruff check src tests benchmarks data_pipelines
+
+bench-data: $(STAMP) ## data pipeline throughput table
+	$(PY) benchmarks/bench_data.py $(ARGS)
+
+clean: ## remove build outputs (keeps .venv and data)
+	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,124 @@
+"""The ``one2345pp`` command line: a thin layer that loads configs and calls the package.
+
+Every subcommand takes ``--config FILE`` (YAML) and trailing ``key=value`` overrides, and writes the resolved
+config beside its outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, load_config, to_object
+from .data.config import DataConfig
+
+# Stage name -> "module:function" that runs ``one2345pp train --stage NAME``; the stage issues register theirs here.
+STAGES: dict[str, str] = {}
+
+
+@dataclass
+class DataBuildConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML config file (merged over the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.cond_samples=1")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="one2345pp", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build and inspect WebDataset shards").add_subparsers(dest="data_cmd", required=True)
+    b = data.add_parser("build", help="meshes -> WebDataset shards + manifest.jsonl")
+    b.add_argument("--source", required=True, choices=["procedural", "folder", "gso", "objaverse"])
+    b.add_argument("--input", default=None, help="folder / GSO root / Objaverse folder or list file")
+    b.add_argument("--out", required=True, type=Path, help="output folder for shards, manifest and config")
+    b.add_argument("--num-objects", type=int, default=None, help="procedural: how many; others: at most this many")
+    b.add_argument("--workers", type=int, default=1, help="worker processes (one per core is a good default)")
+    b.add_argument("--rank", type=int, default=None, help="this task's rank (default: SLURM_ARRAY_TASK_ID or 0)")
+    b.add_argument("--world-size", type=int, default=None, help="number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1)")
+    b.add_argument("--retry-failed", action="store_true", help="retry inputs the manifest records as failed")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_config_args(b)
+
+    s = data.add_parser("sheet", help="contact sheet PNG of a few samples of a shard folder")
+    s.add_argument("shards", type=Path, help="folder with shard-*.tar")
+    s.add_argument("--out", type=Path, default=None, help="PNG path (default: SHARDS/contact_sheet.png)")
+    s.add_argument("--num", type=int, default=4, help="number of objects")
+
+    t = sub.add_parser("train", help="train one stage")
+    t.add_argument("--stage", required=True, help="stage name")
+    _add_config_args(t)
+    return parser
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    import os
+
+    for n in names:
+        if os.environ.get(n, "").strip():
+            return int(os.environ[n])
+    return default
+
+
+def cmd_data_build(args) -> int:
+    from .data.shards import build_shards
+
+    cfg = to_object(load_config(DataBuildConfig, args.config, args.overrides)).data
+    rank = args.rank if args.rank is not None else _env_int(("SLURM_ARRAY_TASK_ID",), 0)
+    world = args.world_size if args.world_size is not None else _env_int(("SLURM_ARRAY_TASK_COUNT",), 1)
+    res = build_shards(
+        args.source,
+        args.out,
+        cfg,
+        input_path=args.input,
+        num_objects=args.num_objects,
+        workers=args.workers,
+        rank=rank,
+        world_size=world,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
+    )
+    for uid, reason in res.failures:
+        print(f"failed: {uid}: {reason}")
+    print(res.summary())
+    print(f"shards in {args.out} (manifest: {args.out / 'manifest.jsonl'})")
+    return 0
+
+
+def cmd_data_sheet(args) -> int:
+    from .data.contact_sheet import write_contact_sheet
+
+    out = args.out or args.shards / "contact_sheet.png"
+    path = write_contact_sheet(args.shards, out, num=args.num)
+    print(f"contact sheet: {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    if args.stage not in STAGES:
+        known = ", ".join(sorted(STAGES)) or "none (no stage is implemented in this version)"
+        raise ConfigError(f"unknown stage {args.stage!r}; known stages: {known}")
+    import importlib
+
+    module, func = STAGES[args.stage].split(":")
+    return int(getattr(importlib.import_module(module), func)(args.config, args.overrides) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {("data", "build"): cmd_data_build, ("data", "sheet"): cmd_data_sheet, ("train", None): cmd_train}
+    key = (args.command, getattr(args, "data_cmd", None))
+    try:
+        return handlers[key](args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"one2345pp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

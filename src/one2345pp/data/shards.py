@@ -1,0 +1,252 @@
+"""The shard builder: any mesh source -> ``DIR/shard-%06d.tar`` (WebDataset) + ``DIR/manifest.jsonl``.
+
+* Inputs are split disjointly across ``world_size`` ranks (``items[rank::world_size]``, e.g. one SLURM array task
+  each); rank r writes shard numbers ``r, r + S, r + 2S, ...`` so ranks never collide.
+* ``workers`` processes render and voxelise in parallel; the main process writes shards.
+* A shard is written as ``shard-XXXXXX.tar.tmp`` and renamed when complete; only then are its objects appended to
+  the manifest as ``done``. A crash therefore leaves no half shard and no manifest line for unfinished objects.
+* A bad input is appended as ``failed`` with its reason and the job goes on. A rerun skips every uid the manifest
+  already holds (``retry_failed`` retries the failed ones).
+* The resolved config is saved as ``DIR/config.yaml``; a rerun with different settings into the same folder is
+  refused, so one folder never mixes recipes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..config import ConfigError, config_diff, save_config
+from ..geometry.mesh import MeshError
+from .config import DataConfig
+from .sources import SourceItem, list_items
+
+MANIFEST = "manifest.jsonl"
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+class Manifest:
+    """Append-only JSON-lines record of every input: uid, source path, status, reason, shard."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict]:
+        records: dict[str, dict] = {}
+        if not self.path.is_file():
+            return records
+        with open(self.path) as f:
+            for line_no, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line from a killed job: ignore it, the object is redone
+                    print(f"warning: {self.path}:{line_no}: unreadable manifest line ignored")
+                    continue
+                records[rec["uid"]] = rec
+        return records
+
+    def append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:  # one write per batch: concurrent ranks appending to the same file do not interleave lines
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+class ShardWriter:
+    """Writes samples into numbered shards of at most ``max_samples``, each renamed into place when complete."""
+
+    def __init__(self, out: Path, rank: int, world_size: int, max_samples: int, manifest: Manifest):
+        self.out, self.rank, self.world_size = out, rank, world_size
+        self.max_samples = max_samples
+        self.manifest = manifest
+        self.written: list[str] = []
+        self._tar = self._file = None
+        self._pending: list[dict] = []
+        self._index = None
+        self._next_j = 0
+        for stale in out.glob("shard-*.tar.tmp"):  # leftovers of a killed run of this rank
+            idx = int(stale.name[6:12])
+            if idx % world_size == rank:
+                stale.unlink()
+
+    def _open(self):
+        import webdataset as wds
+
+        while True:
+            idx = self.rank + self.world_size * self._next_j
+            self._next_j += 1
+            if not (self.out / SHARD_PATTERN.format(idx)).exists():
+                break
+        self._index = idx
+        self._file = open(self._tmp_path(), "wb")
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+
+    def _tmp_path(self) -> Path:
+        return self.out / (SHARD_PATTERN.format(self._index) + ".tmp")
+
+    def add(self, uid: str, fields: dict[str, bytes], record: dict) -> None:
+        if self._tar is None:
+            self._open()
+        self._tar.write({"__key__": uid, **fields})
+        self._pending.append(record)
+        if len(self._pending) >= self.max_samples:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        name = SHARD_PATTERN.format(self._index)
+        os.replace(self._tmp_path(), self.out / name)
+        self.manifest.append([{**r, "shard": name} for r in self._pending])
+        self.written.append(name)
+        self._tar = self._file = None
+        self._pending = []
+
+
+@dataclass
+class BuildResult:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    stage_seconds: Counter = field(default_factory=Counter)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"done {self.done} / skipped {self.skipped} / failed {self.failed} "
+            f"({len(self.shards)} shards written in {self.seconds:.1f} s)"
+        )
+
+
+# --- worker side ------------------------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(cfg_dict: dict, threads: int) -> None:
+    from ..rendering.raycast import RaycastRenderer
+
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg_dict))
+    cfg.render.threads = threads
+    _WORKER.update(cfg=cfg, renderer=RaycastRenderer(cfg.render), threads=threads)
+
+
+def _process(item: SourceItem):
+    from .sample import build_sample
+
+    cfg = _WORKER["cfg"]
+    t0 = time.perf_counter()
+    try:
+        mesh = item.load(cfg.procedural)
+        t_load = time.perf_counter() - t0
+        fields, timings = build_sample(mesh, item.uid, mesh.source, cfg, _WORKER["renderer"], _WORKER["threads"])
+    except MeshError as exc:
+        return item, None, exc.reason, {}, None
+    except Exception as exc:  # any other failure of one object is recorded, not fatal
+        return item, None, f"{type(exc).__name__}: {exc}", {}, None
+    stages = {"load": t_load, "render": timings.render, "volumes": timings.volumes, "encode": timings.encode}
+    return item, fields, None, stages, mesh.source
+
+
+def build_shards(
+    source: str,
+    out: str | Path,
+    cfg: DataConfig,
+    input_path: str | None = None,
+    num_objects: int | None = None,
+    workers: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> BuildResult:
+    """Build (or continue building) the shards of one source into ``out``; see the module docstring."""
+    from tqdm import tqdm
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank={rank} world_size={world_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_save_config(out, cfg)
+
+    items = list_items(source, input_path, num_objects, cfg.procedural, out)
+    dup = [u for u, n in Counter(i.uid for i in items).items() if n > 1]
+    if dup:
+        raise ValueError(f"duplicate uids in the {source} source: {dup[:5]}")
+    mine = items[rank::world_size]
+    manifest = Manifest(out / MANIFEST)
+    held = manifest.load()
+    todo = [
+        it for it in mine if it.uid not in held or (retry_failed and held[it.uid].get("status") == "failed")
+    ]
+    result = BuildResult(skipped=len(mine) - len(todo))
+    writer = ShardWriter(out, rank, world_size, cfg.shards.max_samples, manifest)
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc=f"shards rank {rank}/{world_size}", unit="obj", disable=not progress)
+
+    def handle(res):
+        item, fields, reason, stages, read_path = res
+        if fields is None:
+            result.failed += 1
+            result.failures.append((item.uid, reason))
+            manifest.append([{"uid": item.uid, "source": item.path, "status": "failed", "reason": reason}])
+        else:
+            result.done += 1
+            result.stage_seconds.update(stages)
+            writer.add(item.uid, fields, {"uid": item.uid, "source": read_path or item.path, "status": "done"})
+        bar.update(1)
+        bar.set_postfix(done=result.done, failed=result.failed, skipped=result.skipped)
+
+    try:
+        if workers == 1 or len(todo) <= 1:
+            _init_worker(cfg_dict, cfg.render.threads)
+            for item in todo:
+                handle(_process(item))
+        else:
+            ctx = mp.get_context("spawn")  # open3d's thread pools do not survive fork
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg_dict, 1)) as pool:
+                for res in pool.imap_unordered(_process, todo, chunksize=1):
+                    handle(res)
+        writer.finish()
+    finally:
+        bar.close()
+    result.shards = writer.written
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _check_or_save_config(out: Path, cfg: DataConfig) -> None:
+    path = out / "config.yaml"
+    current = OmegaConf.structured(cfg)
+    if path.is_file():
+        previous = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path).get("data", {}))
+        diff = config_diff(previous, current)
+        if diff:
+            raise ConfigError(
+                f"{out} was built with other data settings (differing keys: {', '.join(diff)}); "
+                "use another --out folder or the same settings"
+            )
+        return
+    save_config(OmegaConf.create({"data": current}), path)

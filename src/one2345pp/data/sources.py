@@ -1,0 +1,144 @@
+"""Where meshes come from: the procedural default, a folder, Google Scanned Objects, Objaverse.
+
+A source lists :class:`SourceItem` objects; ``item.load()`` returns a :class:`~one2345pp.geometry.mesh.Mesh` read from
+a real mesh file through :func:`~one2345pp.geometry.mesh_io.load_mesh` (procedural objects are first written as
+GLB/OBJ files, so they take exactly the path real data takes). Items are plain picklable records, so worker
+processes can load them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..geometry.mesh import Mesh
+from ..geometry.mesh_io import READ_SUFFIXES, load_mesh
+
+SOURCES = ("procedural", "folder", "gso", "objaverse")
+_UID_BAD = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def make_uid(text: str, max_len: int = 80) -> str:
+    """A dot-free WebDataset key from a name or relative path (a short hash keeps distinct inputs distinct)."""
+    clean = _UID_BAD.sub("_", text).strip("_") or "object"
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return f"{clean[: max_len - 9]}-{digest}"
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    uid: str
+    path: str  # the mesh file (for procedural objects: where it is written)
+    source: str
+    texture_fallback: str | None = None
+    procedural_index: int | None = None
+
+    def load(self, procedural_cfg=None) -> Mesh:
+        """Read the mesh (procedural objects are generated and written first); ``mesh.source`` is the file read."""
+        path = self.path if self.procedural_index is None else materialise_procedural(self, procedural_cfg)
+        return load_mesh(path, texture_fallback=self.texture_fallback)
+
+
+def materialise_procedural(item: SourceItem, cfg) -> str:
+    """Write procedural object ``item.procedural_index`` to ``item.path`` and return the file written.
+
+    An object that mixes UV textures and vertex colours cannot be written as OBJ; it is written as GLB beside it.
+    A file already there (from an earlier run) is reused.
+    """
+    from ..geometry.mesh_io import save_mesh
+    from .procedural import generate_object
+
+    path = Path(item.path)
+    glb = path.with_suffix(".glb")
+    for existing in (path, glb):
+        if existing.is_file():
+            return str(existing)
+    mesh = generate_object(item.procedural_index, cfg).mesh
+    textured = mesh.face_uvs is not None and any(m.texture is not None for m in mesh.materials)
+    target = glb if (path.suffix.lower() == ".obj" and textured and mesh.corner_colors is not None) else path
+    save_mesh(mesh, target)
+    return str(target)
+
+
+def procedural_items(cfg, num_objects: int, mesh_dir: str | Path) -> list[SourceItem]:
+    from .procedural import object_uid
+
+    formats = list(cfg.file_formats) or ["glb"]
+    items = []
+    for i in range(num_objects):
+        uid = object_uid(cfg.seed, i)
+        fmt = formats[i % len(formats)].lower().lstrip(".")
+        items.append(SourceItem(uid, str(Path(mesh_dir) / uid / f"model.{fmt}"), "procedural", None, i))
+    return items
+
+
+def folder_items(root: str | Path, source: str = "folder") -> list[SourceItem]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"mesh folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in READ_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no mesh files ({', '.join(READ_SUFFIXES)}) under {root}")
+    return [SourceItem(make_uid(str(p.relative_to(root).with_suffix(""))), str(p), source) for p in files]
+
+
+def gso_items(root: str | Path) -> list[SourceItem]:
+    """Google Scanned Objects in its published layout: ``<name>/meshes/model.obj`` and
+    ``<name>/materials/textures/texture.png``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Google Scanned Objects folder not found: {root}")
+    items = []
+    for obj_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        model = obj_dir / "meshes" / "model.obj"
+        texture = obj_dir / "materials" / "textures" / "texture.png"
+        # an object folder without model.obj is still listed, so the build records it as a failure with its reason
+        items.append(SourceItem(make_uid(obj_dir.name), str(model), "gso", str(texture) if texture.is_file() else None))
+    if not items:
+        raise FileNotFoundError(f"no object folders (<name>/meshes/model.obj) under {root}")
+    return items
+
+
+def objaverse_items(spec: str | Path) -> list[SourceItem]:
+    """Objaverse as a folder of GLB files, or a text file listing GLB paths or Objaverse uids (one per line).
+
+    Uids are downloaded with the optional ``objaverse`` package (clusters); paths are used as they are.
+    """
+    spec = Path(spec)
+    if spec.is_dir():
+        files = sorted(spec.rglob("*.glb"))
+        if not files:
+            raise FileNotFoundError(f"no .glb files under {spec}")
+        return [SourceItem(make_uid(p.stem), str(p), "objaverse") for p in files]
+    if not spec.is_file():
+        raise FileNotFoundError(f"Objaverse input not found: {spec} (a folder of .glb files or a list file)")
+    lines = [ln.strip() for ln in spec.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    paths, uids = [], []
+    for ln in lines:
+        (paths if ("/" in ln or ln.endswith(".glb")) else uids).append(ln)
+    if uids:
+        from ..utils.optional import require
+
+        objaverse = require("objaverse")
+        downloaded = objaverse.load_objects(uids=uids)
+        paths += [downloaded[u] for u in uids if u in downloaded]
+    base = spec.parent
+    return [
+        SourceItem(make_uid(Path(p).stem), str(p if Path(p).is_absolute() else base / p), "objaverse") for p in paths
+    ]
+
+
+def list_items(source: str, input_path: str | None, num_objects: int | None, procedural_cfg, out_dir: Path):
+    """All items of a source (before rank splitting and before skipping finished ones)."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; known sources: {', '.join(SOURCES)}")
+    if source == "procedural":
+        if num_objects is None:
+            raise ValueError("--num-objects is required for the procedural source")
+        return procedural_items(procedural_cfg, num_objects, out_dir / "meshes")
+    if input_path is None:
+        raise ValueError(f"--input is required for the {source} source")
+    items = {"folder": folder_items, "gso": gso_items, "objaverse": objaverse_items}[source](input_path)
+    return items[:num_objects] if num_objects is not None else items

@@ -1,0 +1,286 @@
+"""Reading and writing mesh files (OBJ+MTL+textures, GLB/glTF, PLY, OFF, STL) through trimesh.
+
+Reading flattens scenes with their node transforms into one :class:`~one2345pp.geometry.mesh.Mesh`, keeping per part
+its base-colour texture and factor (glTF PBR), OBJ ``map_Kd`` textures, and vertex or face colours. For OBJ materials
+with a ``map_Kd`` texture the diffuse factor ``Kd`` is ignored (exporters commonly write 0.8 beside a texture); glTF
+multiplies ``baseColorFactor`` with the texture as the specification says.
+
+Writing groups faces by material: a textured material becomes a glTF PBR material (or an MTL + PNG for OBJ), a
+material without texture carries its colour as a base-colour factor, and corner colours become vertex colours.
+Files are written to a temporary name (a temporary folder for OBJ with its sidecar files) and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .mesh import Material, Mesh, MeshError, concatenate
+
+READ_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".off", ".stl")
+WRITE_SUFFIXES = (".glb", ".obj", ".ply")
+
+
+def _as_rgba_factor(value) -> np.ndarray:
+    if value is None:
+        return np.ones(4, np.float32)
+    arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    if arr.size == 3:
+        arr = np.concatenate([arr, [255.0 if arr.max() > 1.0 else 1.0]])
+    if np.asarray(value).dtype == np.uint8 or arr.max() > 1.0:
+        arr = arr / 255.0
+    return np.clip(arr, 0.0, 1.0).astype(np.float32)
+
+
+def _image_to_array(image) -> np.ndarray | None:
+    if image is None:
+        return None
+    mode = "RGBA" if "A" in image.mode else "RGB"
+    return np.asarray(image.convert(mode), dtype=np.uint8)
+
+
+def _part_from_trimesh(geom, source: str, texture_fallback: Path | None) -> Mesh:
+    faces = np.asarray(geom.faces, dtype=np.int64)
+    vertices = np.asarray(geom.vertices, dtype=np.float64)
+    visual = geom.visual
+    kind = getattr(visual, "kind", None)
+    material = Material()
+    face_uvs = corner_colors = None
+    if kind == "texture":
+        mat = visual.material
+        texture = None
+        if hasattr(mat, "baseColorTexture"):  # PBRMaterial
+            material.base_color = _as_rgba_factor(getattr(mat, "baseColorFactor", None))
+            texture = _image_to_array(mat.baseColorTexture)
+        else:  # SimpleMaterial (OBJ / MTL)
+            texture = _image_to_array(getattr(mat, "image", None))
+            if texture is None:
+                material.base_color = _as_rgba_factor(getattr(mat, "diffuse", None))
+            else:
+                material.base_color = np.ones(4, np.float32)
+        if texture is None and texture_fallback is not None and texture_fallback.is_file():
+            from PIL import Image
+
+            with Image.open(texture_fallback) as img:
+                texture = _image_to_array(img)
+            material.base_color = np.ones(4, np.float32)
+        material.name = str(getattr(mat, "name", None) or "material")
+        uv = getattr(visual, "uv", None)
+        if texture is not None and uv is not None and len(uv) == len(vertices):
+            material.texture = texture
+            face_uvs = np.asarray(uv, dtype=np.float32)[faces]
+        color_attr = getattr(visual, "vertex_attributes", {}).get("color") if hasattr(visual, "vertex_attributes") else None
+        if color_attr is not None and len(color_attr) == len(vertices):
+            corner_colors = _as_rgba_factor_rows(np.asarray(color_attr))[faces]
+    elif kind == "vertex":
+        material.base_color = np.ones(4, np.float32)
+        corner_colors = _as_rgba_factor_rows(np.asarray(visual.vertex_colors))[faces]
+    elif kind == "face":
+        material.base_color = np.ones(4, np.float32)
+        fc = _as_rgba_factor_rows(np.asarray(visual.face_colors))
+        corner_colors = np.repeat(fc[:, None, :], 3, axis=1)
+    return Mesh(vertices, faces, face_uvs, corner_colors, None, [material], source=source)
+
+
+def _as_rgba_factor_rows(colors: np.ndarray) -> np.ndarray:
+    c = colors.astype(np.float32)
+    if colors.dtype == np.uint8 or c.max() > 1.0:
+        c = c / 255.0
+    if c.shape[1] == 3:
+        c = np.concatenate([c, np.ones((len(c), 1), np.float32)], axis=1)
+    return np.clip(c, 0.0, 1.0)
+
+
+def load_mesh(path: str | os.PathLike, texture_fallback: str | os.PathLike | None = None) -> Mesh:
+    """Read a mesh file into one :class:`Mesh`; raise :class:`MeshError` naming the file and the problem.
+
+    ``texture_fallback``: an image used for textured parts whose material names no readable texture (the Google
+    Scanned Objects layout keeps it at ``<name>/materials/textures/texture.png``).
+    """
+    import trimesh
+
+    path = Path(path)
+    if not path.is_file():
+        raise MeshError(path, "file not found")
+    if path.suffix.lower() not in READ_SUFFIXES:
+        raise MeshError(path, f"unsupported file type {path.suffix!r}; readable: {', '.join(READ_SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise MeshError(path, "empty file")
+    try:
+        geom = trimesh.load(path, process=False)
+    except Exception as exc:  # trimesh raises many types for malformed files
+        raise MeshError(path, f"unreadable: {type(exc).__name__}: {exc}") from exc
+    geoms = geom.dump() if isinstance(geom, trimesh.Scene) else [geom]
+    parts = [g for g in geoms if isinstance(g, trimesh.Trimesh) and len(g.faces) > 0]
+    if not parts:
+        kinds = sorted({type(g).__name__ for g in geoms}) or ["nothing"]
+        raise MeshError(path, f"not a triangle mesh (contains {', '.join(kinds)})")
+    fallback = Path(texture_fallback) if texture_fallback is not None else None
+    mesh = concatenate([_part_from_trimesh(g, str(path), fallback) for g in parts], source=str(path))
+    mesh.validate()
+    return mesh
+
+
+def normalize(mesh: Mesh, extent: float = 0.9) -> tuple[Mesh, float, np.ndarray]:
+    """Centre the bounding box at the origin and scale its longest side to ``extent``.
+
+    Returns ``(normalised mesh, scale, offset)`` with ``v_normalised = v * scale + offset``.
+    """
+    if not 0.0 < extent <= 1.0:
+        raise ValueError(f"normalize extent must lie in (0, 1] to stay inside the volume cube, got {extent}")
+    used = mesh.vertices[np.unique(mesh.faces)]
+    lo, hi = used.min(0), used.max(0)
+    longest = float((hi - lo).max())
+    if longest <= 0:
+        raise MeshError(mesh.source or "<mesh>", "degenerate: zero bounding-box extent")
+    scale = extent / longest
+    offset = -(lo + hi) / 2.0 * scale
+    return mesh.transformed(scale, offset), scale, offset
+
+
+def to_trimesh_parts(mesh: Mesh) -> list:
+    """One trimesh per material (vertices split per face corner, then merged where uv and colour agree)."""
+    import trimesh
+    from PIL import Image
+
+    parts = []
+    for m_id, mat in enumerate(mesh.materials):
+        sel = np.nonzero(mesh.face_material == m_id)[0]
+        if len(sel) == 0:
+            continue
+        verts = mesh.vertices[mesh.faces[sel]].reshape(-1, 3)
+        faces = np.arange(len(verts)).reshape(-1, 3)
+        textured = mat.texture is not None and mesh.face_uvs is not None
+        if textured and mesh.corner_colors is not None and not np.allclose(mesh.corner_colors[sel], 1.0):
+            raise ValueError(f"material {mat.name!r}: a texture together with vertex colours cannot be written")
+        if textured:
+            material = trimesh.visual.material.PBRMaterial(
+                name=mat.name,
+                baseColorFactor=(mat.base_color * 255).round().astype(np.uint8),
+                baseColorTexture=Image.fromarray(mat.texture),
+                metallicFactor=0.0,
+                roughnessFactor=1.0,
+            )
+            visual = trimesh.visual.TextureVisuals(uv=mesh.face_uvs[sel].reshape(-1, 2), material=material)
+        elif mesh.corner_colors is not None:
+            cols = mesh.corner_colors[sel].reshape(-1, 4) * mat.base_color
+            visual = trimesh.visual.ColorVisuals(vertex_colors=(cols * 255).round().astype(np.uint8))
+        else:
+            cols = np.broadcast_to(mat.base_color, (len(verts), 4))
+            visual = trimesh.visual.ColorVisuals(vertex_colors=(cols * 255).round().astype(np.uint8))
+        if textured:
+            part = trimesh.Trimesh(verts, faces, visual=visual, process=False)
+            part.merge_vertices(merge_tex=False, merge_norm=True)  # keeps corners whose uv differ (seams)
+        else:  # merge corners only where position and colour agree
+            colors = np.asarray(visual.vertex_colors)
+            uniq, faces = _merge_corners(verts, colors.astype(np.float64))
+            visual = trimesh.visual.ColorVisuals(vertex_colors=uniq[:, 3:].astype(np.uint8))
+            part = trimesh.Trimesh(uniq[:, :3], faces, visual=visual, process=False)
+        parts.append(part)
+    return parts
+
+
+def _merge_corners(positions: np.ndarray, attrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge face corners [3F, 3] whose position and attributes agree -> (unique rows [V, 3 + A], faces [F, 3])."""
+    rows = np.concatenate([positions, attrs], axis=1)
+    uniq, inverse = np.unique(rows.round(7), axis=0, return_inverse=True)
+    return uniq, inverse.reshape(-1, 3)
+
+
+def save_mesh(mesh: Mesh, path: str | os.PathLike) -> Path:
+    """Write ``mesh`` to ``.glb``, ``.obj`` (+ .mtl and textures beside it) or ``.ply`` atomically."""
+    import trimesh
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in WRITE_SUFFIXES:
+        raise ValueError(f"cannot write {path}: supported types are {', '.join(WRITE_SUFFIXES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = to_trimesh_parts(mesh)
+    if suffix == ".ply":
+        if any(mat.texture is not None for mat in mesh.materials):
+            raise ValueError(f"cannot write {path}: PLY keeps vertex colours only; write .glb or .obj for textures")
+        data = trimesh.util.concatenate(parts).export(file_type="ply")
+        _write_atomic(path, data)
+    elif suffix == ".glb":
+        data = trimesh.Scene(parts).export(file_type="glb")
+        _write_atomic(path, data)
+    else:  # OBJ with sidecar files: write everything into a temporary folder, then move the files into place
+        tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+        try:
+            names = _write_obj(mesh, tmpdir, path.stem)
+            for name in sorted(names, key=lambda n: n == path.name):  # the .obj itself last
+                os.replace(tmpdir / name, path.parent / name)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def _write_obj(mesh: Mesh, folder: Path, stem: str) -> list[str]:
+    """Write ``stem.obj`` (and ``stem.mtl`` + PNG textures) into ``folder``; return the file names written.
+
+    OBJ holds either vertex colours (the ``v x y z r g b`` extension, read back as vertex colours) or materials: a
+    mesh with corner colours is written with per-corner vertex colours (material colours multiplied in); a mesh
+    with textures as MTL materials (``Kd`` for flat ones, ``map_Kd`` for textured ones). Both at once cannot be
+    represented in a way readers agree on, and is refused.
+    """
+    from PIL import Image
+
+    has_texture = mesh.face_uvs is not None and any(m.texture is not None for m in mesh.materials)
+    if mesh.corner_colors is not None and has_texture:
+        raise ValueError(f"cannot write {stem}.obj: OBJ cannot hold textures and vertex colours together; use .glb")
+    lines = [f"# one2345pp {stem}"]
+    files = [f"{stem}.obj"]
+    if not has_texture:
+        # per-corner colour = material base colour x corner colour; merge corners with equal position and colour
+        base = np.stack([m.base_color for m in mesh.materials])[mesh.face_material]  # [F, 4]
+        cols = np.broadcast_to(base[:, None, :], (mesh.num_faces, 3, 4))
+        if mesh.corner_colors is not None:
+            cols = cols * mesh.corner_colors
+        uniq, faces = _merge_corners(mesh.vertices[mesh.faces].reshape(-1, 3), cols.reshape(-1, 4)[:, :3])
+        lines += [f"v {x:.6f} {y:.6f} {z:.6f} {r:.4f} {g:.4f} {b:.4f}" for x, y, z, r, g, b in uniq]
+        lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
+    else:
+        mtl = []
+        lines.insert(1, f"mtllib {stem}.mtl")
+        lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in mesh.vertices]
+        lines += [f"vt {u:.6f} {v:.6f}" for u, v in mesh.face_uvs.reshape(-1, 2)]
+        for m_id, mat in enumerate(mesh.materials):
+            sel = np.nonzero(mesh.face_material == m_id)[0]
+            if len(sel) == 0:
+                continue
+            name = f"m{m_id}"
+            r, g, b, a = mat.base_color
+            if mat.texture is None:
+                mtl += [f"newmtl {name}", f"Kd {r:.6f} {g:.6f} {b:.6f}", f"d {a:.6f}", "illum 1"]
+            else:  # readers differ on Kd x map_Kd, so the colour factor is baked into the texture and Kd is 1
+                tex_name = f"{stem}_{name}.png"
+                tex = mat.texture.astype(np.float32)
+                tex[..., :3] *= mat.base_color[:3]
+                Image.fromarray(tex.round().astype(np.uint8)).save(folder / tex_name)
+                files.append(tex_name)
+                mtl += [f"newmtl {name}", "Kd 1 1 1", f"d {a:.6f}", "illum 1", f"map_Kd {tex_name}"]
+            lines.append(f"usemtl {name}")
+            for f_id in sel:
+                v = mesh.faces[f_id] + 1
+                t = 3 * f_id + np.arange(3) + 1
+                lines.append(f"f {v[0]}/{t[0]} {v[1]}/{t[1]} {v[2]}/{t[2]}")
+        (folder / f"{stem}.mtl").write_text("\n".join(mtl) + "\n")
+        files.append(f"{stem}.mtl")
+    (folder / f"{stem}.obj").write_text("\n".join(lines) + "\n")
+    return files
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
