@@ -37,6 +37,7 @@ class VolumeConfig:
 @dataclass
 class ProceduralConfig:
     seed: int = 0  # object i is generated from (seed, i): deterministic and independent of worker order
+    families: list[str] | None = None  # None: all of procedural.FAMILIES, drawn uniformly
     min_parts: int = 1
     max_parts: int = 3
     texture_resolution: int = 256
