@@ -52,21 +52,29 @@ class Material:
 
 
 def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """Bilinear lookup with repeat wrapping. ``uv`` [N, 2] in OBJ convention -> RGBA float32 [N, 4] in [0, 1]."""
-    tex = texture.astype(np.float32) / 255.0
-    if tex.shape[-1] == 3:
-        tex = np.concatenate([tex, np.ones(tex.shape[:2] + (1,), np.float32)], axis=-1)
-    h, w = tex.shape[:2]
-    x = np.mod(uv[:, 0], 1.0) * w - 0.5
-    y = (1.0 - np.mod(uv[:, 1], 1.0)) * h - 0.5
-    x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = (x - x0)[:, None].astype(np.float32), (y - y0)[:, None].astype(np.float32)
-    x0 = x0.astype(np.int64) % w
-    y0 = y0.astype(np.int64) % h
+    """Bilinear lookup with repeat wrapping. ``uv`` [N, 2] in OBJ convention -> RGBA float32 [N, 4] in [0, 1].
+
+    Only the four texels around each sample are converted to float, so large textures cost nothing extra.
+    """
+    h, w = texture.shape[:2]
+    uv = np.asarray(uv, dtype=np.float32)
+    x = (uv[:, 0] - np.floor(uv[:, 0])) * np.float32(w) - np.float32(0.5)
+    y = (np.float32(1.0) - (uv[:, 1] - np.floor(uv[:, 1]))) * np.float32(h) - np.float32(0.5)
+    x0f, y0f = np.floor(x), np.floor(y)
+    fx, fy = (x - x0f)[:, None], (y - y0f)[:, None]
+    x0, y0 = x0f.astype(np.int64) % w, y0f.astype(np.int64) % h
     x1, y1 = (x0 + 1) % w, (y0 + 1) % h
-    top = tex[y0, x0] * (1 - fx) + tex[y0, x1] * fx
-    bottom = tex[y1, x0] * (1 - fx) + tex[y1, x1] * fx
-    return top * (1 - fy) + bottom * fy
+    flat = texture.reshape(h * w, -1)
+
+    def texel(yy, xx):
+        return flat.take(yy * w + xx, axis=0).astype(np.float32)
+
+    top = texel(y0, x0) * (1 - fx) + texel(y0, x1) * fx
+    bottom = texel(y1, x0) * (1 - fx) + texel(y1, x1) * fx
+    rgba = (top * (1 - fy) + bottom * fy) * np.float32(1.0 / 255.0)
+    if rgba.shape[1] == 3:
+        rgba = np.concatenate([rgba, np.ones((len(rgba), 1), np.float32)], axis=1)
+    return rgba
 
 
 def _bary_weights(bary: np.ndarray) -> np.ndarray:
