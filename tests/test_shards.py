@@ -196,5 +196,6 @@ def test_stale_temporary_shards_are_removed(tmp_path):
     res = build_shards("procedural", tmp_path, tiny_cfg(), num_objects=1, progress=False)
     assert res.shards == ["shard-000000.tar"] and not list(tmp_path.glob("*.tmp"))
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:
-        meta = json.load(io.TextIOWrapper(tar.extractfile([m for m in tar.getmembers() if m.name.endswith("meta.json")][0])))
+        member = next(m for m in tar.getmembers() if m.name.endswith("meta.json"))
+        meta = json.load(io.TextIOWrapper(tar.extractfile(member)))
     assert meta["normalize_extent"] == 0.9

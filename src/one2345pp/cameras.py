@@ -175,7 +175,6 @@ class Camera:
     def rays(self, supersample: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Ray origins and unit directions [H*s, W*s, 3] through the centres of the (sub-)pixels."""
         s = int(supersample)
-        K = self.K
         u = (np.arange(self.width * s) + 0.5) / s
         v = (np.arange(self.height * s) + 0.5) / s
         uu, vv = np.meshgrid(u, v)
@@ -235,7 +234,10 @@ def tile(views):
 
 
 def untile(grid):
-    """Inverse of :func:`tile`: numpy ``[3H, 2W, C]`` -> ``[6, H, W, C]``; torch ``[..., C, 3H, 2W]`` -> ``[..., 6, C, H, W]``."""
+    """Inverse of :func:`tile`.
+
+    numpy: ``[3H, 2W, C]`` -> ``[6, H, W, C]``; torch: ``[..., C, 3H, 2W]`` -> ``[..., 6, C, H, W]``.
+    """
     if _is_torch(grid):
         *lead, c, gh, gw = grid.shape
         if gh % GRID_ROWS or gw % GRID_COLS:

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="one2345pp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="build and inspect WebDataset shards").add_subparsers(dest="data_cmd", required=True)
+    data_parser = sub.add_parser("data", help="build and inspect WebDataset shards")
+    data = data_parser.add_subparsers(dest="data_cmd", required=True)
     b = data.add_parser("build", help="meshes -> WebDataset shards + manifest.jsonl")
     b.add_argument("--source", required=True, choices=["procedural", "folder", "gso", "objaverse"])
     b.add_argument("--input", default=None, help="folder / GSO root / Objaverse folder or list file")
@@ -40,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-objects", type=int, default=None, help="procedural: how many; others: at most this many")
     b.add_argument("--workers", type=int, default=1, help="worker processes (one per core is a good default)")
     b.add_argument("--rank", type=int, default=None, help="this task's rank (default: SLURM_ARRAY_TASK_ID or 0)")
-    b.add_argument("--world-size", type=int, default=None, help="number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1)")
+    b.add_argument(
+        "--world-size", type=int, default=None, help="number of ranks (default: SLURM_ARRAY_TASK_COUNT or 1)"
+    )
     b.add_argument("--retry-failed", action="store_true", help="retry inputs the manifest records as failed")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_config_args(b)

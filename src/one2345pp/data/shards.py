@@ -187,13 +187,12 @@ def build_shards(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_or_save_config(out, cfg)
-
     items = list_items(source, input_path, num_objects, cfg.procedural, out)
     dup = [u for u, n in Counter(i.uid for i in items).items() if n > 1]
     if dup:
         raise ValueError(f"duplicate uids in the {source} source: {dup[:5]}")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_save_config(out, cfg)
     mine = items[rank::world_size]
     manifest = Manifest(out / MANIFEST)
     held = manifest.load()

@@ -73,7 +73,7 @@ def _part_from_trimesh(geom, source: str, texture_fallback: Path | None) -> Mesh
         if texture is not None and uv is not None and len(uv) == len(vertices):
             material.texture = texture
             face_uvs = np.asarray(uv, dtype=np.float32)[faces]
-        color_attr = getattr(visual, "vertex_attributes", {}).get("color") if hasattr(visual, "vertex_attributes") else None
+        color_attr = getattr(visual, "vertex_attributes", {}).get("color")
         if color_attr is not None and len(color_attr) == len(vertices):
             corner_colors = _as_rgba_factor_rows(np.asarray(color_attr))[faces]
     elif kind == "vertex":

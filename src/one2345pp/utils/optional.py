@@ -7,12 +7,12 @@ from types import ModuleType
 
 _HINTS = {
     "open3d": (
-        "open3d is needed for ray casting (rendering, signed distances). Install it with `pip install -e .[cpu]` "
-        "(CPU wheel) or `.[gpu]`; on Debian/Ubuntu it also needs the system library libusb-1.0 "
-        "(`apt-get install libusb-1.0-0`, done by `make setup` when run as root)."
+        "open3d is needed for ray casting (rendering, signed distances). "
+        "Install it with `pip install -e .[cpu]` (CPU wheel) or `.[gpu]`; on Debian/Ubuntu it also needs "
+        "the system library libusb-1.0 (`apt-get install libusb-1.0-0`, done by `make setup` when run as root)."
     ),
     "webdataset": "webdataset is needed to read and write shards: `pip install webdataset`.",
-    "objaverse": "the objaverse package is optional; install it with `pip install -e .[objaverse]` to download objects.",
+    "objaverse": "objaverse is optional; install it with `pip install -e .[objaverse]` to download objects.",
     "pymeshlab": "pymeshlab is needed for mesh cleanup: `pip install pymeshlab`.",
 }
 
