@@ -51,3 +51,19 @@ def test_cli_reports_unknown_stage_and_source(capsys, tmp_path):
     assert main(["data", "build", "--source", "folder", "--out", str(out), "--input", "/does/not/exist"]) == 2
     assert "mesh folder not found: /does/not/exist" in capsys.readouterr().err
     assert not out.exists()  # nothing is created for a job that cannot start
+
+
+def test_slurm_array_rank_for_any_start_and_step(monkeypatch):
+    from one2345pp.cli import slurm_array_rank
+
+    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP", "SLURM_ARRAY_TASK_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    assert slurm_array_rank() == (0, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "32")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
+    ranks = []
+    for task in range(1, 64, 2):  # --array=1-63:2
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        ranks.append(slurm_array_rank())
+    assert ranks == [(r, 32) for r in range(32)]

@@ -344,3 +344,15 @@ def test_lightning_fit_with_two_workers(shards):
     per_epoch = [[(k, c) for e, k, c in model.train_seen if e == epoch] for epoch in (0, 1)]
     assert len(per_epoch[0]) == len(per_epoch[1]) == 6 and per_epoch[0] != per_epoch[1]
     assert sorted(model.val_seen) == sorted(["obj2x0", "obj2x1", "obj2x2"] * 2)  # the held-out shard, every epoch
+
+
+def test_shard_folder_and_glob_specs_tolerate_gaps(tmp_path):
+    from one2345pp.data.datamodule import _expand
+
+    for idx in (0, 2, 5):  # ranks number their own shards, so builder output can have gaps
+        (tmp_path / f"shard-{idx:06d}.tar").write_bytes(b"")
+    expected = [str(tmp_path / f"shard-{i:06d}.tar") for i in (0, 2, 5)]
+    assert _expand(str(tmp_path)) == expected
+    assert _expand(str(tmp_path / "shard-*.tar")) == expected
+    with pytest.raises(FileNotFoundError):
+        _expand(str(tmp_path / "nothing-*.tar"))

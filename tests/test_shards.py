@@ -199,3 +199,37 @@ def test_stale_temporary_shards_are_removed(tmp_path):
         member = next(m for m in tar.getmembers() if m.name.endswith("meta.json"))
         meta = json.load(io.TextIOWrapper(tar.extractfile(member)))
     assert meta["normalize_extent"] == 0.9
+
+
+def test_a_torn_manifest_line_does_not_swallow_the_next_record(tmp_path):
+    manifest = Manifest(tmp_path / "manifest.jsonl")
+    manifest.append([{"uid": "a", "status": "done"}])
+    with open(manifest.path, "a") as f:
+        f.write('{"uid": "b", "sta')  # a job killed mid-write
+    manifest.append([{"uid": "c", "status": "done"}])
+    assert sorted(manifest.load()) == ["a", "c"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_impossible_settings_fail_before_anything_is_written(tmp_path, workers):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="blue"):
+        build_shards("procedural", out, tiny_cfg(render=RenderConfig(background="blue")), num_objects=2,
+                     workers=workers, progress=False)
+    with pytest.raises(ValueError, match="unknown camera layout"):
+        build_shards("procedural", out, tiny_cfg(layout="zero123"), num_objects=2, workers=workers, progress=False)
+    assert not out.exists()
+
+
+def test_two_workers_build_the_same_samples_as_one(tmp_path):
+    one = build_shards("procedural", tmp_path / "one", tiny_cfg(), num_objects=3, workers=1, progress=False)
+    two = build_shards("procedural", tmp_path / "two", tiny_cfg(), num_objects=3, workers=2, progress=False)
+    assert one.done == two.done == 3
+
+    def contents(folder):
+        with tarfile.open(folder / "shard-000000.tar") as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith((".npz", ".json"))}
+
+    a, b = contents(tmp_path / "one"), contents(tmp_path / "two")
+    assert a.keys() == b.keys()
+    assert all(a[k] == b[k] for k in a if not k.endswith("meta.json"))  # meta names the (different) mesh path

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config, to_object
 from .data.config import DataConfig
+from .data.sources import SOURCES
 
 # Stage name -> "module:function" that runs ``one2345pp train --stage NAME``; the stage issues register theirs here.
 STAGES: dict[str, str] = {}
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     data_parser = sub.add_parser("data", help="build and inspect WebDataset shards")
     data = data_parser.add_subparsers(dest="data_cmd", required=True)
     b = data.add_parser("build", help="meshes -> WebDataset shards + manifest.jsonl")
-    b.add_argument("--source", required=True, choices=["procedural", "folder", "gso", "objaverse"])
+    b.add_argument("--source", required=True, choices=SOURCES)
     b.add_argument("--input", default=None, help="folder / GSO root / Objaverse folder or list file")
     b.add_argument("--out", required=True, type=Path, help="output folder for shards, manifest and config")
     b.add_argument("--num-objects", type=int, default=None, help="procedural: how many; others: at most this many")
@@ -59,21 +60,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _env_int(names: tuple[str, ...], default: int) -> int:
+def slurm_array_rank() -> tuple[int, int]:
+    """(rank, world size) of a SLURM array task, for arrays of any start and step (``--array=1-64:2``); (0, 1)
+    outside one."""
     import os
 
-    for n in names:
-        if os.environ.get(n, "").strip():
-            return int(os.environ[n])
-    return default
+    env = os.environ
+    if not env.get("SLURM_ARRAY_TASK_ID", "").strip():
+        return 0, 1
+    step = int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
+    rank = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN") or 0)) // step
+    return rank, int(env.get("SLURM_ARRAY_TASK_COUNT") or 1)
 
 
 def cmd_data_build(args) -> int:
     from .data.shards import build_shards
 
     cfg = to_object(load_config(DataBuildConfig, args.config, args.overrides)).data
-    rank = args.rank if args.rank is not None else _env_int(("SLURM_ARRAY_TASK_ID",), 0)
-    world = args.world_size if args.world_size is not None else _env_int(("SLURM_ARRAY_TASK_COUNT",), 1)
+    slurm_rank, slurm_world = slurm_array_rank()
+    rank = args.rank if args.rank is not None else slurm_rank
+    world = args.world_size if args.world_size is not None else slurm_world
     res = build_shards(
         args.source,
         args.out,
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     key = (args.command, getattr(args, "data_cmd", None))
     try:
         return handlers[key](args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"one2345pp {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

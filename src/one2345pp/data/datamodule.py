@@ -181,6 +181,17 @@ def _is_local(url: str) -> bool:
 
 
 def _expand(pattern: str) -> list[str]:
+    """Shard URLs of a brace pattern, a glob (``data/x/shard-*.tar``) or a folder (all its ``shard-*.tar``).
+
+    Folders and globs suit builder output, whose shard numbers can have gaps (each rank numbers its own shards).
+    """
+    if _is_local(pattern) and Path(pattern).is_dir():
+        pattern = str(Path(pattern) / "shard-*.tar")
+    if _is_local(pattern) and any(ch in pattern for ch in "*?["):
+        urls = sorted(str(p) for p in Path("/").glob(str(Path(pattern).resolve()).lstrip("/")))
+        if not urls:
+            raise FileNotFoundError(f"no shards match {pattern!r}")
+        return urls
     urls = wds.shardlists.expand_urls(pattern)
     missing = [u for u in urls if _is_local(u) and not Path(u).is_file()]
     if missing:

@@ -20,7 +20,7 @@ import io
 import json
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,7 +39,6 @@ class SampleTimings:
     render: float = 0.0
     volumes: float = 0.0
     encode: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def object_rng(seed: int, uid: str) -> np.random.Generator:

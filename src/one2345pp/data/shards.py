@@ -5,6 +5,8 @@
 * ``workers`` processes render and voxelise in parallel; the main process writes shards.
 * A shard is written as ``shard-XXXXXX.tar.tmp`` and renamed when complete; only then are its objects appended to
   the manifest as ``done``. A crash therefore leaves no half shard and no manifest line for unfinished objects.
+  (A kill in the instant between the rename and the manifest append leaves those objects unrecorded; the rerun
+  builds them again into a new shard, so they then appear twice. Readers that need uniqueness keep the first.)
 * A bad input is appended as ``failed`` with its reason and the job goes on. A rerun skips every uid the manifest
   already holds (``retry_failed`` retries the failed ones).
 * The resolved config is saved as ``DIR/config.yaml``; a rerun with different settings into the same folder is
@@ -18,11 +20,13 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..cameras import get_layout
 from ..config import ConfigError, config_diff, save_config
 from ..geometry.mesh import MeshError
 from .config import DataConfig
@@ -59,9 +63,12 @@ class Manifest:
         if not records:
             return
         data = "".join(json.dumps(r) + "\n" for r in records).encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:  # one write per batch: concurrent ranks appending to the same file do not interleave lines
-            os.write(fd, data)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line of a killed job: end it first
+                data = b"\n" + data
+            os.write(fd, data)  # one write per batch: concurrent ranks appending do not interleave lines
         finally:
             os.close(fd)
 
@@ -128,7 +135,6 @@ class BuildResult:
     failed: int = 0
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    stage_seconds: Counter = field(default_factory=Counter)
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -142,11 +148,10 @@ class BuildResult:
 _WORKER: dict = {}
 
 
-def _init_worker(cfg_dict: dict, threads: int) -> None:
+def _init_worker(cfg: DataConfig, threads: int) -> None:
     from ..rendering.raycast import RaycastRenderer
 
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg_dict))
-    cfg.render.threads = threads
+    cfg = replace(cfg, render=replace(cfg.render, threads=threads))
     _WORKER.update(cfg=cfg, renderer=RaycastRenderer(cfg.render), threads=threads)
 
 
@@ -154,17 +159,14 @@ def _process(item: SourceItem):
     from .sample import build_sample
 
     cfg = _WORKER["cfg"]
-    t0 = time.perf_counter()
     try:
         mesh = item.load(cfg.procedural)
-        t_load = time.perf_counter() - t0
-        fields, timings = build_sample(mesh, item.uid, mesh.source, cfg, _WORKER["renderer"], _WORKER["threads"])
+        fields, _ = build_sample(mesh, item.uid, mesh.source, cfg, _WORKER["renderer"], _WORKER["threads"])
     except MeshError as exc:
-        return item, None, exc.reason, {}, None
+        return item, None, exc.reason, None
     except Exception as exc:  # any other failure of one object is recorded, not fatal
-        return item, None, f"{type(exc).__name__}: {exc}", {}, None
-    stages = {"load": t_load, "render": timings.render, "volumes": timings.volumes, "encode": timings.encode}
-    return item, fields, None, stages, mesh.source
+        return item, None, f"{type(exc).__name__}: {exc}", None
+    return item, fields, None, mesh.source
 
 
 def build_shards(
@@ -187,6 +189,7 @@ def build_shards(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
+    _check_settings(cfg)
     items = list_items(source, input_path, num_objects, cfg.procedural, out)
     dup = [u for u, n in Counter(i.uid for i in items).items() if n > 1]
     if dup:
@@ -201,33 +204,34 @@ def build_shards(
     ]
     result = BuildResult(skipped=len(mine) - len(todo))
     writer = ShardWriter(out, rank, world_size, cfg.shards.max_samples, manifest)
-    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"shards rank {rank}/{world_size}", unit="obj", disable=not progress)
 
     def handle(res):
-        item, fields, reason, stages, read_path = res
+        item, fields, reason, read_path = res
         if fields is None:
             result.failed += 1
             result.failures.append((item.uid, reason))
             manifest.append([{"uid": item.uid, "source": item.path, "status": "failed", "reason": reason}])
         else:
             result.done += 1
-            result.stage_seconds.update(stages)
             writer.add(item.uid, fields, {"uid": item.uid, "source": read_path or item.path, "status": "done"})
         bar.update(1)
         bar.set_postfix(done=result.done, failed=result.failed, skipped=result.skipped)
 
     try:
         if workers == 1 or len(todo) <= 1:
-            _init_worker(cfg_dict, cfg.render.threads)
+            _init_worker(cfg, cfg.render.threads)
             for item in todo:
                 handle(_process(item))
         else:
-            ctx = mp.get_context("spawn")  # open3d's thread pools do not survive fork
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg_dict, 1)) as pool:
-                for res in pool.imap_unordered(_process, todo, chunksize=1):
-                    handle(res)
+            # spawn: open3d's thread pools do not survive fork. A worker that dies (a crash inside a native library)
+            # breaks the executor with an error instead of hanging the job; the rerun continues from the manifest.
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, 1)) as pool:
+                futures = [pool.submit(_process, item) for item in todo]
+                for fut in as_completed(futures):
+                    handle(fut.result())
         writer.finish()
     finally:
         bar.close()
@@ -236,12 +240,31 @@ def build_shards(
     return result
 
 
+# settings that change how a job runs, not what the samples hold: free to differ between runs into one folder
+_RUN_ONLY_KEYS = ("render.threads", "shards.max_samples", "shards.png_compress_level")
+
+
+def _check_settings(cfg: DataConfig) -> None:
+    """Fail before anything is written when a setting cannot work (not once per object, nor inside a worker)."""
+    from ..rendering.raycast import RaycastRenderer
+
+    get_layout(cfg.layout)
+    RaycastRenderer(cfg.render)
+    if cfg.cond_samples < 1:
+        raise ValueError(f"data.cond_samples must be >= 1, got {cfg.cond_samples}")
+    if not cfg.cond_elevation_min <= cfg.cond_elevation_max:
+        raise ValueError("data.cond_elevation_min must not exceed data.cond_elevation_max")
+
+
 def _check_or_save_config(out: Path, cfg: DataConfig) -> None:
     path = out / "config.yaml"
     current = OmegaConf.structured(cfg)
     if path.is_file():
-        previous = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path).get("data", {}))
-        diff = config_diff(previous, current)
+        try:
+            previous = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path).get("data", {}))
+        except Exception as exc:
+            raise ConfigError(f"{path}: unreadable config of an earlier build ({exc})") from exc
+        diff = [k for k in config_diff(previous, current) if k not in _RUN_ONLY_KEYS]
         if diff:
             raise ConfigError(
                 f"{out} was built with other data settings (differing keys: {', '.join(diff)}); "

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..geometry.mesh import Mesh
+from ..geometry.mesh import Mesh, MeshError
 from ..geometry.mesh_io import READ_SUFFIXES, load_mesh
 
 SOURCES = ("procedural", "folder", "gso", "objaverse")
@@ -34,11 +34,29 @@ class SourceItem:
     source: str
     texture_fallback: str | None = None
     procedural_index: int | None = None
+    objaverse_uid: str | None = None  # downloaded with the objaverse package when loaded
 
     def load(self, procedural_cfg=None) -> Mesh:
-        """Read the mesh (procedural objects are generated and written first); ``mesh.source`` is the file read."""
-        path = self.path if self.procedural_index is None else materialise_procedural(self, procedural_cfg)
+        """Read the mesh (procedural objects are generated and written first, Objaverse uids downloaded first);
+        ``mesh.source`` is the file read."""
+        if self.procedural_index is not None:
+            path = materialise_procedural(self, procedural_cfg)
+        elif self.objaverse_uid is not None:
+            path = download_objaverse(self.objaverse_uid)
+        else:
+            path = self.path
         return load_mesh(path, texture_fallback=self.texture_fallback)
+
+
+def download_objaverse(uid: str) -> str:
+    """Fetch one Objaverse object with the optional ``objaverse`` package; returns the local GLB path."""
+    from ..utils.optional import require
+
+    objaverse = require("objaverse")
+    found = objaverse.load_objects(uids=[uid])
+    if uid not in found:
+        raise MeshError(uid, "Objaverse download failed (uid unknown or not reachable)")
+    return str(found[uid])
 
 
 def materialise_procedural(item: SourceItem, cfg) -> str:
@@ -74,13 +92,15 @@ def procedural_items(cfg, num_objects: int, mesh_dir: str | Path) -> list[Source
     return items
 
 
-def folder_items(root: str | Path, source: str = "folder") -> list[SourceItem]:
+def folder_items(
+    root: str | Path, source: str = "folder", suffixes: tuple[str, ...] = READ_SUFFIXES
+) -> list[SourceItem]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"mesh folder not found: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in READ_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
-        raise FileNotFoundError(f"no mesh files ({', '.join(READ_SUFFIXES)}) under {root}")
+        raise FileNotFoundError(f"no mesh files ({', '.join(suffixes)}) under {root}")
     return [SourceItem(make_uid(str(p.relative_to(root).with_suffix(""))), str(p), source) for p in files]
 
 
@@ -104,30 +124,23 @@ def gso_items(root: str | Path) -> list[SourceItem]:
 def objaverse_items(spec: str | Path) -> list[SourceItem]:
     """Objaverse as a folder of GLB files, or a text file listing GLB paths or Objaverse uids (one per line).
 
-    Uids are downloaded with the optional ``objaverse`` package (clusters); paths are used as they are.
+    Uids are downloaded with the optional ``objaverse`` package (clusters) by the worker that builds them, so each
+    rank fetches only its own share and a failed download is recorded like any bad input; paths are used as they are.
     """
     spec = Path(spec)
     if spec.is_dir():
-        files = sorted(spec.rglob("*.glb"))
-        if not files:
-            raise FileNotFoundError(f"no .glb files under {spec}")
-        return [SourceItem(make_uid(p.stem), str(p), "objaverse") for p in files]
+        return folder_items(spec, "objaverse", suffixes=(".glb",))
     if not spec.is_file():
         raise FileNotFoundError(f"Objaverse input not found: {spec} (a folder of .glb files or a list file)")
     lines = [ln.strip() for ln in spec.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    paths, uids = [], []
+    items = []
     for ln in lines:
-        (paths if ("/" in ln or ln.endswith(".glb")) else uids).append(ln)
-    if uids:
-        from ..utils.optional import require
-
-        objaverse = require("objaverse")
-        downloaded = objaverse.load_objects(uids=uids)
-        paths += [downloaded[u] for u in uids if u in downloaded]
-    base = spec.parent
-    return [
-        SourceItem(make_uid(Path(p).stem), str(p if Path(p).is_absolute() else base / p), "objaverse") for p in paths
-    ]
+        if "/" in ln or ln.endswith(".glb"):
+            path = Path(ln) if Path(ln).is_absolute() else spec.parent / ln
+            items.append(SourceItem(make_uid(ln), str(path), "objaverse"))
+        else:
+            items.append(SourceItem(make_uid(ln), f"objaverse:{ln}", "objaverse", objaverse_uid=ln))
+    return items
 
 
 def list_items(source: str, input_path: str | None, num_objects: int | None, procedural_cfg, out_dir: Path):

@@ -189,20 +189,6 @@ class Mesh:
         if len(self.face_material) != self.num_faces or self.face_material.max() >= len(self.materials):
             raise MeshError(src, "face material ids do not match the materials list")
 
-    def compact(self) -> Mesh:
-        """Drop zero-area faces and unreferenced vertices."""
-        keep = self.face_areas() > 0
-        faces = self.faces[keep]
-        used, inverse = np.unique(faces, return_inverse=True)
-        return replace(
-            self,
-            vertices=self.vertices[used],
-            faces=inverse.reshape(-1, 3),
-            face_uvs=None if self.face_uvs is None else self.face_uvs[keep],
-            corner_colors=None if self.corner_colors is None else self.corner_colors[keep],
-            face_material=self.face_material[keep],
-        )
-
 
 def concatenate(meshes: list[Mesh], source: str = "") -> Mesh:
     """One mesh holding all parts (materials are appended, per-corner attributes filled where a part lacks them)."""

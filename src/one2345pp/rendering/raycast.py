@@ -276,10 +276,8 @@ class RaycastRenderer(Renderer):
         origin = camera.position.astype(np.float32)
 
         # One ray through every pixel centre of the region of interest.
-        K, rot = camera.K, camera.c2w[:3, :3].astype(np.float32)
-        x = ((np.arange(c0, c1) + 0.5 - K[0, 2]) / K[0, 0]).astype(np.float32)
-        y = ((np.arange(r0, r1) + 0.5 - K[1, 2]) / K[1, 1]).astype(np.float32)
-        dirs = (y[:, None, None] * rot[:, 1] + x[None, :, None] * rot[:, 0] + rot[:, 2]).reshape(-1, 3)
+        vv, uu = np.mgrid[r0:r1, c0:c1]
+        dirs = self._directions(camera, uu.ravel() + 0.5, vv.ravel() + 0.5)
         hit, depth, face, bary = self._cast(data.scene, origin, dirs)
         idx = np.flatnonzero(hit)
         rgba_hit, normals_hit, back_hit = self._shade(mesh, data, light, face[idx], bary[idx], dirs[idx])
