@@ -1,0 +1,75 @@
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from one2345pp.training.runner import RunConfig, TrainerConfig, fit
+
+
+class Toy(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.w(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.mse_loss(self.w(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class ToyData(LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(32, 4, generator=g)
+        self.ds = TensorDataset(x, x.sum(1, keepdim=True))
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(self.ds, batch_size=8)
+
+
+@dataclass
+class ToyConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def cfg(tmp_path, **run):
+    c = OmegaConf.structured(ToyConfig)
+    c.run = OmegaConf.merge(c.run, {"root": str(tmp_path), "name": "r", **run})
+    c.trainer = OmegaConf.merge(c.trainer, {"max_steps": 5, "enable_progress_bar": False, "accelerator": "cpu"})
+    return c
+
+
+def test_fit_writes_run_dir_and_resume_continues_the_step_count(tmp_path):
+    trainer, directory = fit("toy", cfg(tmp_path), Toy(), ToyData())
+    assert trainer.global_step == 5
+    assert directory == tmp_path / "toy" / "r"
+    assert (directory / "config.yaml").is_file() and (directory / "ckpts" / "last.ckpt").is_file()
+    assert OmegaConf.load(directory / "config.yaml").trainer.max_steps == 5
+    c = cfg(tmp_path, resume="last")
+    c.trainer.max_steps = 8
+    module = Toy()
+    trainer, _ = fit("toy", c, module, ToyData())
+    assert trainer.global_step == 8  # 5 restored + 3 more
+    state = torch.load(directory / "ckpts" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 8 and state["optimizer_states"][0]["state"]
+
+
+def test_resume_last_without_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+        fit("toy", cfg(tmp_path, name="nothing", resume="last"), Toy(), ToyData())
