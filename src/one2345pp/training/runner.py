@@ -165,6 +165,7 @@ def fit(stage: str, cfg, module, datamodule, callbacks=()):
         save_config(cfg, directory / "config.yaml")
     seed_everything(run.seed, workers=True)  # Lightning offsets worker seeds per rank and worker
     trainer = build_trainer(trainer_cfg, run, directory, stage, callbacks)
-    # our own checkpoints hold optimizer and callback state (plain python objects), so they are not weights_only
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+    # checkpoints hold tensors and plain containers only (modules keep no pickled objects in their state), so they
+    # load with weights_only=True like every other file the package reads
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     return trainer, directory
