@@ -62,9 +62,9 @@ demo: $(STAMP) ## the main job on the embedded procedural dataset -> outputs/dem
 data: $(STAMP) ## build procedural shards: N=64 DATA_DIR=data/procedural WORKERS=nproc ARGS="key=value ..."
 	$(CLI) data build --source procedural --num-objects $(N) --out $(DATA_DIR) --workers $(WORKERS) $(ARGS)
 
-train-stage: $(STAMP) ## train one stage: STAGE=... [CONFIG=path] [ARGS="key=value ..."]
+train-stage: $(STAMP) ## train one stage: STAGE=... [CONFIG=path, default experiments/STAGE.yaml] [ARGS="k=v ..."]
 	@test -n "$(STAGE)" || { echo "usage: make train-stage STAGE=<stage> [CONFIG=path] [ARGS=\"key=value ...\"]" >&2; exit 2; }
-	$(CLI) train --stage $(STAGE) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+	$(CLI) train --stage $(STAGE) --config $(if $(CONFIG),$(CONFIG),experiments/$(STAGE).yaml) $(ARGS)
 
 eval-gso: $(STAMP) ## score a pipeline on Google Scanned Objects: GSO_DIR=... PIPELINE=...
 	@test -n "$(GSO_DIR)" -a -n "$(PIPELINE)" || { echo "usage: make eval-gso GSO_DIR=path PIPELINE=path" >&2; exit 2; }
