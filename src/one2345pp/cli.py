@@ -15,7 +15,9 @@ from .config import ConfigError, load_config, to_object
 from .data.config import DataConfig
 from .data.sources import SOURCES
 
-# Stage name -> "module:function" that runs ``one2345pp train --stage NAME``; the stage issues register theirs here.
+# Stage name -> module. Each stage module defines ``train(config_path, overrides) -> int`` (``one2345pp train``)
+# and ``export(run, out=None) -> Path`` (``one2345pp export``: a run directory or checkpoint -> the folder the
+# pipeline loads).
 STAGES: dict[str, str] = {}
 
 
@@ -57,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one stage")
     t.add_argument("--stage", required=True, help="stage name")
     _add_config_args(t)
+
+    e = sub.add_parser("export", help="export a trained stage (run directory or checkpoint) for the pipeline")
+    e.add_argument("--stage", required=True, help="stage name")
+    e.add_argument("--run", required=True, type=Path, help="run directory (its ckpts/last.ckpt) or a .ckpt file")
+    e.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export)")
     return parser
 
 
@@ -108,19 +115,33 @@ def cmd_data_sheet(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    if args.stage not in STAGES:
+def _stage_module(name: str):
+    if name not in STAGES:
         known = ", ".join(sorted(STAGES)) or "none (no stage is implemented in this version)"
-        raise ConfigError(f"unknown stage {args.stage!r}; known stages: {known}")
+        raise ConfigError(f"unknown stage {name!r}; known stages: {known}")
     import importlib
 
-    module, func = STAGES[args.stage].split(":")
-    return int(getattr(importlib.import_module(module), func)(args.config, args.overrides) or 0)
+    return importlib.import_module(STAGES[name])
+
+
+def cmd_train(args) -> int:
+    return int(_stage_module(args.stage).train(args.config, args.overrides) or 0)
+
+
+def cmd_export(args) -> int:
+    out = _stage_module(args.stage).export(args.run, args.out)
+    print(f"exported {args.stage} to {out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {("data", "build"): cmd_data_build, ("data", "sheet"): cmd_data_sheet, ("train", None): cmd_train}
+    handlers = {
+        ("data", "build"): cmd_data_build,
+        ("data", "sheet"): cmd_data_sheet,
+        ("train", None): cmd_train,
+        ("export", None): cmd_export,
+    }
     key = (args.command, getattr(args, "data_cmd", None))
     try:
         return handlers[key](args)
