@@ -60,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stage", required=True, help="stage name")
     _add_config_args(t)
 
+    ev = sub.add_parser("eval", help="evaluate meshes: `eval mesh PRED GT` (F-Score, Chamfer)")
+    evs = ev.add_subparsers(dest="eval_cmd", required=True)
+    m = evs.add_parser("mesh", help="F-Score at 0.05 and Chamfer of a predicted mesh against a ground-truth mesh")
+    m.add_argument("pred", type=Path, help="predicted mesh (GLB/OBJ/PLY/OFF)")
+    m.add_argument("gt", type=Path, help="ground-truth mesh")
+    m.add_argument("--no-align", action="store_true", help="skip the rotation search + ICP alignment")
+    m.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    m.add_argument("--points", type=int, default=100_000, help="surface samples per mesh")
+    m.add_argument("--tau", type=float, default=0.05, help="F-Score threshold (unit bounding box)")
+
     e = sub.add_parser("export", help="export a trained stage (run directory or checkpoint) for the pipeline")
     e.add_argument("--stage", required=True, help="stage name")
     e.add_argument("--run", required=True, type=Path, help="run directory (its ckpts/last.ckpt) or a .ckpt file")
@@ -134,6 +144,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval_mesh(args) -> int:
+    import json
+
+    from .evaluation.geometry import evaluate_meshes
+    from .geometry.mesh_io import load_mesh
+
+    pred, gt = load_mesh(args.pred), load_mesh(args.gt)
+    scores = evaluate_meshes(pred, gt, align_meshes=not args.no_align, num_points=args.points, tau=args.tau)
+    if args.json:
+        record = {"pred": str(args.pred), "gt": str(args.gt), "aligned": not args.no_align, **scores.to_dict()}
+        print(json.dumps(record))
+    else:
+        print(f"{'metric':<12}{'value':>10}")
+        for key in ("fscore", "precision", "recall", "chamfer"):
+            print(f"{key:<12}{getattr(scores, key):>10.4f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -141,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         ("data", "sheet"): cmd_data_sheet,
         ("train", None): cmd_train,
         ("export", None): cmd_export,
+        ("eval", "mesh"): cmd_eval_mesh,
     }
-    key = (args.command, getattr(args, "data_cmd", None))
+    key = (args.command, getattr(args, "data_cmd", None) or getattr(args, "eval_cmd", None))
     try:
         return handlers[key](args)
     except (ConfigError, FileNotFoundError, ValueError, ImportError) as exc:

@@ -1,0 +1,1 @@
+"""Evaluation: geometry metrics (F-Score, Chamfer, alignment)."""
