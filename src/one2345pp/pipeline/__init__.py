@@ -1,0 +1,1 @@
+"""Inference: the pipeline that chains the exported stages, and its input preprocessing."""
