@@ -152,7 +152,10 @@ def build_trainer(cfg_trainer: TrainerConfig, run: RunConfig, directory: Path, s
 def fit(stage: str, cfg, module, datamodule, callbacks=()):
     """Run (or resume) training of one stage; returns ``(trainer, run directory)``.
 
-    ``cfg`` is the stage's resolved structured config (omegaconf) with ``run`` and ``trainer`` sections.
+    ``cfg`` is the stage's resolved structured config (omegaconf) with ``run`` and ``trainer`` sections. ``module`` is
+    a LightningModule or a function that builds one: built after seeding with ``run.seed`` so that the initial
+    weights are the same on every rank and every rerun. Training then runs with seed ``run.seed + global rank``
+    (different noise, dropout and augmentation per rank; Lightning derives the data-loader worker seeds from it).
     """
     from lightning.pytorch import seed_everything
 
@@ -163,8 +166,13 @@ def fit(stage: str, cfg, module, datamodule, callbacks=()):
     if global_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
         save_config(cfg, directory / "config.yaml")
-    seed_everything(run.seed, workers=True)  # Lightning offsets worker seeds per rank and worker
+    seed_everything(run.seed, workers=True, verbose=False)
+    if callable(module) and not hasattr(module, "training_step"):
+        module = module()
     trainer = build_trainer(trainer_cfg, run, directory, stage, callbacks)
+    seed_everything(run.seed + trainer.global_rank, workers=True, verbose=False)
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
     # checkpoints hold tensors and plain containers only (modules keep no pickled objects in their state), so they
     # load with weights_only=True like every other file the package reads
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
