@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--points", type=int, default=100_000, help="surface samples per mesh")
     m.add_argument("--tau", type=float, default=0.05, help="F-Score threshold (unit bounding box)")
 
+    sw = sub.add_parser("sweep", help="run trials of a W&B sweep file locally (no W&B server needed)")
+    sw.add_argument("file", type=Path, help="sweep YAML, e.g. experiments/sweeps/coarse.yaml")
+    sw.add_argument("--trials", type=int, default=1, help="number of trials to run")
+    sw.add_argument("--seed", type=int, default=0, help="seed of the random search")
+    sw.add_argument("--dry-run", action="store_true", help="print the trial commands without running them")
+
     e = sub.add_parser("export", help="export a trained stage (run directory or checkpoint) for the pipeline")
     e.add_argument("--stage", required=True, help="stage name")
     e.add_argument("--run", required=True, type=Path, help="run directory (its ckpts/last.ckpt) or a .ckpt file")
@@ -162,6 +168,15 @@ def cmd_eval_mesh(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .training.sweep import run_local
+
+    codes = run_local(args.file, args.trials, args.seed, args.dry_run)
+    failed = sum(c != 0 for c in codes)
+    print(f"sweep {args.file}: {len(codes) - failed} trials succeeded, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -170,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         ("train", None): cmd_train,
         ("export", None): cmd_export,
         ("eval", "mesh"): cmd_eval_mesh,
+        ("sweep", None): cmd_sweep,
     }
     key = (args.command, getattr(args, "data_cmd", None) or getattr(args, "eval_cmd", None))
     try:
