@@ -109,8 +109,13 @@ def plain_background_alpha(rgb: np.ndarray, cfg: PreprocessConfig, source: str) 
             f"preprocess.plain_tolerance={cfg.plain_tolerance}); give an RGBA image with the object cut out, or "
             "install rembg with its model available locally (preprocess.background_removal=rembg)",
         )
-    colour = np.median(border, axis=0)
-    mask = np.linalg.norm(rgb - colour, axis=-1) > cfg.plain_threshold
+    return alpha_from_background(rgb, np.median(border, axis=0), cfg.plain_threshold)
+
+
+def alpha_from_background(rgb: np.ndarray, colour, threshold: float) -> np.ndarray:
+    """Alpha (0/1 float32) of the pixels farther than ``threshold`` from the background ``colour`` (a gray level or an
+    RGB triple), with holes enclosed by the foreground filled."""
+    mask = np.linalg.norm(np.asarray(rgb, np.float32) - np.asarray(colour, np.float32), axis=-1) > threshold
     return _fill_holes(mask).astype(np.float32)
 
 
