@@ -1,0 +1,357 @@
+"""Every component of the multi-view stage, built from config: pretrained folders / hub ids or random presets.
+
+``model.pretrained`` may name
+
+* a Stable Diffusion 2 diffusers folder or hub id (``unet``, ``vae``, ``text_encoder``, ``tokenizer``): the UNet keeps
+  its input and attention layout; the CLIP vision encoder comes from ``model.image_encoder`` (SD2 has none); the ramp
+  coefficients start at i / 77;
+* a Zero123++ diffusers folder (its ``model_index.json`` holds ``ramping_coefficients``; the CLIP encoder and its
+  processor are the ``vision_encoder`` and ``feature_extractor_clip`` components);
+* a folder exported by this stage (:class:`MultiViewDiffusionPipeline`), to continue training from it;
+* nothing (``null``): every part is initialised at random from the preset ``model.preset`` — ``tiny`` (64 px views,
+  a UNet of about 3M parameters, a tiny VAE, tiny CLIP vision and text encoders) or ``full`` (the sizes of SD2 and
+  OpenCLIP ViT-H/14; the UNet has about 866M parameters). Random initialisation draws from ``model.init_seed`` only,
+  so a rebuild gives the same weights.
+
+In every case the empty-prompt embedding is computed once with the text encoder, stored in the
+:class:`GlobalConditioner`, and the text encoder is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+from one2345pp.models.multiview_pipeline import (
+    NUM_TOKENS,
+    TRAIN_SCHEDULE,
+    GlobalConditioner,
+    MultiViewDiffusionPipeline,
+)
+from one2345pp.models.reference_attention import install_reference_attention
+
+if TYPE_CHECKING:
+    from transformers import CLIPImageProcessor
+
+__all__ = [
+    "PRESETS",
+    "MultiViewComponents",
+    "MultiViewModelConfig",
+    "build_components",
+    "build_unet",
+    "empty_prompt_embedding",
+    "inference_scheduler",
+    "pretrained_kind",
+    "random_components",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MultiViewModelConfig:
+    pretrained: str | None = None  # SD2 / Zero123++ / exported diffusers folder or hub id; None: random from preset
+    preset: str = "tiny"  # random-init sizes when pretrained is None: "tiny" or "full"
+    image_encoder: str | None = None  # CLIP vision (with projection) folder / hub id when pretrained has none (SD2)
+    image_encoder_subfolder: str | None = None
+    init_seed: int = 0  # seed of the random initialisation (pretrained: unused parts only)
+    view_size: int = 64  # pixels per generated view: the exported pipeline's default output size
+    cond_size: int = 64  # the exported pipeline resizes the condition image to this size
+
+
+PRESETS: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "unet": {
+            "sample_size": 32,
+            "layers_per_block": 1,
+            "block_out_channels": (32, 64, 128),
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 64,
+            "attention_head_dim": (2, 4, 8),  # diffusers' name for the number of heads
+            "use_linear_projection": True,
+            "norm_num_groups": 8,
+        },
+        "vae": {
+            "block_out_channels": (16, 32, 32, 32),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+            "sample_size": 64,
+            "scaling_factor": 0.18215,
+        },
+        "image_encoder": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "projection_dim": 64,
+        },
+        "text_encoder": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "vocab_size": 1000,
+            "max_position_embeddings": NUM_TOKENS,
+            "bos_token_id": 998,
+            "eos_token_id": 999,
+            "pad_token_id": 0,
+            "projection_dim": 64,
+        },
+        "feature_extractor": {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}},
+    },
+    "full": {  # Stable Diffusion 2 (v-model) UNet and VAE, OpenCLIP ViT-H/14 vision and text towers
+        "unet": {
+            "sample_size": 96,
+            "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280, 1280),
+            "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": (5, 10, 20, 20),
+            "use_linear_projection": True,
+        },
+        "vae": {
+            "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "sample_size": 768,
+            "scaling_factor": 0.18215,
+        },
+        "image_encoder": {
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 16,
+            "image_size": 224,
+            "patch_size": 14,
+            "projection_dim": 1024,
+            "hidden_act": "gelu",
+        },
+        "text_encoder": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,  # SD2 uses the penultimate layer of the 24-layer tower
+            "num_attention_heads": 16,
+            "vocab_size": 49408,
+            "max_position_embeddings": NUM_TOKENS,
+            "hidden_act": "gelu",
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 0,
+            "projection_dim": 1024,
+        },
+        "feature_extractor": {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}},
+    },
+}
+
+
+@dataclass
+class MultiViewComponents:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    image_encoder: CLIPVisionModelWithProjection
+    feature_extractor: CLIPImageProcessor
+    conditioner: GlobalConditioner
+    scheduler: EulerAncestralDiscreteScheduler
+
+
+def _preset(name: str) -> dict[str, dict]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model.preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_unet(preset: str, device: str | torch.device | None = None) -> UNet2DConditionModel:
+    """A randomly initialised UNet of a preset (``device="meta"`` builds it without allocating weights)."""
+    with torch.device(device or "cpu"):
+        return UNet2DConditionModel(**_preset(preset)["unet"])
+
+
+def inference_scheduler() -> EulerAncestralDiscreteScheduler:
+    """The stored scheduler: the training schedule, Euler-ancestral sampling with trailing timestep spacing."""
+    return EulerAncestralDiscreteScheduler(**TRAIN_SCHEDULE, timestep_spacing="trailing")
+
+
+def empty_prompt_embedding(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """The text encoder's last hidden state for the (tokenised) empty prompt, ``[1, L, D]``."""
+    with torch.no_grad():
+        return text_encoder(input_ids.to(text_encoder.device))[0].float().cpu()
+
+
+def _conditioner(embedding: torch.Tensor, ramp: list[float] | None = None) -> GlobalConditioner:
+    _, n, d = embedding.shape
+    cond = GlobalConditioner(num_tokens=n, embed_dim=d)
+    cond.empty_prompt.copy_(embedding)
+    if ramp is not None:
+        if len(ramp) != n:
+            raise ValueError(f"{len(ramp)} ramp coefficients for an empty-prompt embedding of {n} tokens")
+        with torch.no_grad():
+            cond.ramp.copy_(torch.tensor(ramp, dtype=torch.float32))
+    return cond
+
+
+def _freeze(module):
+    return module.requires_grad_(False).eval()
+
+
+def _check(c: MultiViewComponents, source: str) -> MultiViewComponents:
+    unet = c.unet.config
+    if unet.in_channels != c.vae.config.latent_channels or unet.out_channels != c.vae.config.latent_channels:
+        raise ValueError(
+            f"{source}: UNet channels in/out {unet.in_channels}/{unet.out_channels} do not match the VAE's "
+            f"{c.vae.config.latent_channels} latent channels"
+        )
+    proj = c.image_encoder.config.projection_dim
+    if proj != unet.cross_attention_dim or c.conditioner.config.embed_dim != unet.cross_attention_dim:
+        raise ValueError(
+            f"{source}: CLIP projection ({proj}) and empty-prompt embedding ({c.conditioner.config.embed_dim}) must "
+            f"both have the UNet's cross-attention size {unet.cross_attention_dim}"
+        )
+    install_reference_attention(c.unet)
+    _freeze(c.vae)
+    _freeze(c.image_encoder)
+    return c
+
+
+def random_components(preset: str, seed: int = 0, device: str | torch.device = "cpu") -> MultiViewComponents:
+    """Every component at random from a preset, drawn from ``seed`` (global RNG state left untouched).
+
+    ``device``: where the networks are built and initialised (``"cuda"`` skips the slow CPU initialisation of the
+    full preset; the draws then come from the CUDA generator, so the weights differ from a CPU build).
+    """
+    p = _preset(preset)
+    device = torch.device(device)
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []  # manual_seed seeds them
+    with torch.random.fork_rng(devices=cuda), device:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**p["unet"])
+        vae = AutoencoderKL(**p["vae"])
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**p["image_encoder"]))
+        text_cfg = CLIPTextConfig(**p["text_encoder"])
+        text_encoder = CLIPTextModel(text_cfg).eval()
+    n = text_cfg.max_position_embeddings
+    ids = torch.tensor([[text_cfg.bos_token_id, text_cfg.eos_token_id] + [text_cfg.pad_token_id] * (n - 2)])
+    conditioner = _conditioner(empty_prompt_embedding(text_encoder, ids)).to(device)
+    c = MultiViewComponents(
+        unet, vae, image_encoder, _processor(**p["feature_extractor"]), conditioner, inference_scheduler()
+    )
+    return _check(c, f"preset {preset!r}")
+
+
+def _processor_class():
+    """CLIP's image processor class; the PIL backend where transformers has one (no torchvision needed). Only its
+    resize / normalisation values are used, in torch (:func:`clip_pixels`)."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+
+
+def _processor(**kwargs) -> CLIPImageProcessor:
+    return _processor_class()(**kwargs)
+
+
+def _read_index(source: str) -> dict:
+    path = Path(source)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"model.pretrained={source!r} is a folder without model_index.json")
+        return json.loads(index.read_text())
+    if path.exists() or source.startswith((".", "/")):
+        raise FileNotFoundError(f"model.pretrained={source!r} is not a diffusers folder")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+    except Exception as exn:
+        raise FileNotFoundError(
+            f"model.pretrained={source!r}: no local folder, and the hub gave no model_index.json ({exn})"
+        ) from exn
+
+
+def pretrained_kind(index: dict) -> str:
+    """``export`` (this stage's pipeline), ``zero123plus`` or ``sd2`` from a ``model_index.json``."""
+    if index.get("_class_name") == MultiViewDiffusionPipeline.__name__:
+        return "export"
+    if "ramping_coefficients" in index:
+        return "zero123plus"
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if c not in index]
+    if missing:
+        raise ValueError(
+            f"model_index.json ({index.get('_class_name')}) lacks {missing}: not a Stable Diffusion 2, "
+            "Zero123++ or exported multi-view folder"
+        )
+    return "sd2"
+
+
+def _text_embedding(source: str) -> torch.Tensor:
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").eval()
+    n = text_encoder.config.max_position_embeddings  # 77 for SD2
+    ids = tokenizer("", padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    return empty_prompt_embedding(text_encoder, ids)
+
+
+def _image_encoder(source: str, subfolder: str | None) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
+    kw = {"subfolder": subfolder} if subfolder else {}
+    encoder = CLIPVisionModelWithProjection.from_pretrained(source, **kw)
+    try:
+        processor = _processor_class().from_pretrained(source, **kw)
+    except OSError:  # a bare vision checkpoint: the standard CLIP preprocessing at the encoder's input size
+        size = encoder.config.image_size
+        log.info("%s has no preprocessor config; using CLIP's mean/std at %d px", source, size)
+        processor = _processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return encoder, processor
+
+
+def build_components(cfg: MultiViewModelConfig) -> MultiViewComponents:
+    """All components for ``cfg`` (see the module docstring for what ``model.pretrained`` may name)."""
+    if cfg.pretrained is None:
+        return random_components(cfg.preset, cfg.init_seed)
+    src = cfg.pretrained
+    index = _read_index(src)
+    kind = pretrained_kind(index)
+    if kind == "export":
+        pipe = MultiViewDiffusionPipeline.from_pretrained(src)
+        c = MultiViewComponents(
+            pipe.unet, pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.conditioner, inference_scheduler()
+        )
+        return _check(c, src)
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
+    ramp = None
+    if kind == "zero123plus":
+        ramp = [float(r) for r in index["ramping_coefficients"]]
+        encoder = CLIPVisionModelWithProjection.from_pretrained(src, subfolder="vision_encoder")
+        processor = _processor_class().from_pretrained(src, subfolder="feature_extractor_clip")
+    else:
+        if cfg.image_encoder is None:
+            raise ValueError(
+                f"model.pretrained={src!r} is a Stable Diffusion 2 folder without a CLIP image encoder; set "
+                "model.image_encoder to a CLIPVisionModelWithProjection folder or hub id whose projection size "
+                f"is {unet.config.cross_attention_dim} (ViT-H/14: laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"
+            )
+        encoder, processor = _image_encoder(cfg.image_encoder, cfg.image_encoder_subfolder)
+    conditioner = _conditioner(_text_embedding(src), ramp)
+    return _check(MultiViewComponents(unet, vae, encoder, processor, conditioner, inference_scheduler()), src)

@@ -1,0 +1,486 @@
+"""Stage 1: tiled 3x2 multi-view diffusion (Zero123++ style), trained as a LightningModule, exported as a diffusers
+pipeline. The method's facts (schedule, conditioning, normalisation, recipe) are in ``shared/design/METHOD.md``.
+
+    one2345pp train --stage multiview --config experiments/tiny/multiview.yaml [key=value ...]
+
+Training step: condition dropout (a gray condition image, probability ``train.cond_dropout``) and a random resize of
+the condition to a square size in ``[train.cond_size_min, train.cond_size_max]`` (snapped to multiples of the
+UNet's total downsampling, 64 px for SD2) -> global condition (CLIP image embedding added to the stored empty-prompt
+embedding with the learned ramp) and reference latent (VAE posterior mean, unscaled) -> target latents (posterior
+sample, Zero123++ normalisation) noised with DDPM noise at t ~ U{0..999} -> reference latent noised to the same t
+with fresh noise -> record pass + read pass -> MSE against the v-target, optionally Min-SNR-gamma weighted
+(``min(SNR, gamma) / (SNR + 1)`` for v-prediction).
+
+Checkpoints hold the UNet and the conditioner, the EMA averages of the trained tensors (``ema.enabled``) and the
+optimizer state; the frozen VAE and CLIP encoder are left out and rebuilt from ``model`` (pretrained source or seeded
+random init) on resume and export. Validation and export use the EMA weights when EMA is on. The end of training
+writes ``RUN/export/`` (a :class:`MultiViewDiffusionPipeline` folder); :func:`export` does the same from any run
+directory or checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from lightning.pytorch import LightningModule
+from omegaconf import DictConfig
+
+from one2345pp.config import ConfigError, load_config, to_object
+from one2345pp.data.config import LoaderConfig
+from one2345pp.models.multiview_builders import MultiViewComponents, MultiViewModelConfig, build_components
+from one2345pp.models.multiview_pipeline import (
+    GRAY,
+    SAMPLERS,
+    TRAIN_SCHEDULE,
+    MultiViewDiffusionPipeline,
+    clip_pixels,
+    encode_reference,
+    encode_target,
+    vae_scale_factor,
+)
+from one2345pp.models.reference_attention import noisy_reference, reference_forward
+from one2345pp.training.ema import EMAWeights
+from one2345pp.training.media import log_image
+from one2345pp.training.optim import OptimConfig, adamw_with_schedule, check_optim
+from one2345pp.training.runner import RunConfig, TrainerConfig, fit
+
+__all__ = [
+    "EMAConfig",
+    "MultiViewConfig",
+    "MultiViewModule",
+    "TrainConfig",
+    "ValConfig",
+    "export",
+    "run_training",
+    "sample_sheet",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+STAGE = "multiview"
+FROZEN_PREFIXES = ("vae.", "image_encoder.")  # rebuilt from the model config, not stored in checkpoints
+TRAINABLE_PRESETS = ("attn", "full")
+
+
+# ------------------------------------------------------------------------------------------------------- configs
+@dataclass
+class TrainConfig:
+    trainable: str = "attn"  # "attn": self-attention + cross-attention K/V (+ ramp); "full": the whole UNet (+ ramp)
+    cond_dropout: float = 0.1  # probability of a gray condition image (classifier-free guidance)
+    cond_size_min: int = 128  # random square resize of the condition, snapped to the UNet's downsampling multiple
+    cond_size_max: int = 512
+    min_snr_gamma: float | None = 5.0  # Min-SNR-gamma loss weighting; None: plain MSE
+    gradient_checkpointing: bool = False
+    # torch intra-op threads of the training process (None: torch's default). The tiny preset's small tensors gain
+    # little from a second thread, and on a busy 2-core machine OpenMP threads that wait for a core slowed a step
+    # 5-10x; the tiny config sets 1.
+    cpu_threads: int | None = None
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.9999  # effective decay min(decay, (1 + n) / (10 + n)) after n updates
+
+
+@dataclass
+class ValConfig:
+    num_images: int = 4  # conditions of the first validation batch sampled at each validation (0: none)
+    num_inference_steps: int = 28
+    guidance_scale: float = 4.0
+    sampler: str = "euler_a"  # "euler_a" or "ddim"
+    seed: int = 0
+
+
+@dataclass
+class MultiViewConfig:
+    model: MultiViewModelConfig = field(default_factory=MultiViewModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # phase 1 of the published recipe: AdamW, peak lr 7e-5, 1000 warm-up steps, cosine decay
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            lr=7e-5, weight_decay=0.01, warmup_steps=1000, schedule="cosine", min_lr_ratio=0.0
+        )
+    )
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def check_config(cfg: MultiViewConfig) -> None:
+    """Values the schema cannot check; each error names the key."""
+    t = cfg.train
+    check_optim(cfg.optim)
+    problems = []
+    if t.trainable not in TRAINABLE_PRESETS:
+        problems.append(f"train.trainable={t.trainable!r} (choose {', '.join(TRAINABLE_PRESETS)})")
+    if not 0.0 <= t.cond_dropout <= 1.0:
+        problems.append(f"train.cond_dropout={t.cond_dropout} (must lie in [0, 1])")
+    if not 0 < t.cond_size_min <= t.cond_size_max:
+        problems.append(f"train.cond_size_min/max={t.cond_size_min}/{t.cond_size_max} (need 0 < min <= max)")
+    if t.cpu_threads is not None and t.cpu_threads < 1:
+        problems.append(f"train.cpu_threads={t.cpu_threads} (must be >= 1 or null)")
+    if t.min_snr_gamma is not None and t.min_snr_gamma <= 0:
+        problems.append(f"train.min_snr_gamma={t.min_snr_gamma} (must be > 0 or null)")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        problems.append(f"ema.decay={cfg.ema.decay} (must lie in [0, 1))")
+    if cfg.val.sampler not in SAMPLERS:
+        problems.append(f"val.sampler={cfg.val.sampler!r} (choose {', '.join(SAMPLERS)})")
+    if cfg.val.num_images < 0 or cfg.val.num_inference_steps < 1:
+        problems.append(f"val.num_images={cfg.val.num_images} val.num_inference_steps={cfg.val.num_inference_steps}")
+    if problems:
+        raise ConfigError("bad multiview config: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def _rand(shape, generator: torch.Generator | None, device, randn: bool = True) -> torch.Tensor:
+    """Random numbers from ``generator`` (drawn on its device, then moved) or from the global RNG on ``device``."""
+    draw = torch.randn if randn else torch.rand
+    if generator is None:
+        return draw(shape, device=device)
+    return draw(shape, generator=generator, device=generator.device).to(device)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def sample_sheet(cond: torch.Tensor, generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One row per sample: input | generated 3x2 grid | ground-truth 3x2 grid, on gray; ``[3, N * 3h, 3 * 2w]``.
+
+    The input is shown as a 2h x 2h square at the top of its panel; the generated grids are resized to the
+    ground-truth size.
+    """
+    n, _, gh, gw = target.shape
+    generated = F.interpolate(generated.float(), size=(gh, gw), mode="bilinear", antialias=True).clamp(0, 1)
+    side = min(gw, gh)
+    panel = torch.full((n, 3, gh, gw), GRAY, device=target.device)
+    panel[:, :, :side, :side] = _resize(cond.float(), side)
+    rows = torch.cat([panel, generated.to(target.device), target.float()], dim=-1)  # [N, 3, gh, 3 gw]
+    return torch.cat(list(rows), dim=-2)
+
+
+# -------------------------------------------------------------------------------------------------------- module
+class MultiViewModule(LightningModule):
+    """The multi-view diffusion stage; ``components`` (e.g. shared between tests) default to ``build_components``."""
+
+    def __init__(self, cfg: MultiViewConfig, components: MultiViewComponents | None = None):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        c = components if components is not None else build_components(cfg.model)
+        self.unet, self.vae, self.image_encoder, self.conditioner = c.unet, c.vae, c.image_encoder, c.conditioner
+        self.feature_extractor = c.feature_extractor
+        self.sampler_scheduler = c.scheduler
+        self.noise_scheduler = DDPMScheduler(**TRAIN_SCHEDULE)
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
+        self.size_multiple = vae_scale_factor(self.vae) * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        lo = math.ceil(cfg.train.cond_size_min / self.size_multiple)
+        hi = cfg.train.cond_size_max // self.size_multiple
+        if lo > hi:
+            raise ConfigError(
+                f"train.cond_size_min/max={cfg.train.cond_size_min}/{cfg.train.cond_size_max} contain no multiple of "
+                f"{self.size_multiple} (VAE factor x UNet downsampling)"
+            )
+        self.cond_size_range = (lo * self.size_multiple, hi * self.size_multiple)
+        self.vae.requires_grad_(False)
+        self.image_encoder.requires_grad_(False)
+        self._set_trainable(cfg.train.trainable)
+        if cfg.train.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        # EMA of every trained tensor (UNet parameters of the preset and the ramp), names as in this module
+        self.ema = EMAWeights(self, cfg.ema.decay) if cfg.ema.enabled else None
+        self._ema_ctx = None
+        # checkpoints leave out the frozen parts; on_load_checkpoint checks that everything else is there
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------------------------------ parameters
+    def _set_trainable(self, preset: str) -> None:
+        self.unet.requires_grad_(preset == "full")
+        if preset == "attn":
+            for name, module in self.unet.named_modules():
+                if name.endswith(".attn1"):
+                    module.requires_grad_(True)
+                elif name.endswith(".attn2"):
+                    module.to_k.requires_grad_(True)
+                    module.to_v.requires_grad_(True)
+        self.conditioner.ramp.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad] + [self.conditioner.ramp]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        self.image_encoder.eval()
+        return self
+
+    def sampling_weights(self):
+        """Context in which the module holds the weights used for sampling and export: the EMA averages when EMA
+        is on (swapped in and back), else the current weights."""
+        return self.ema.applied(self) if self.ema is not None else nullcontext(self)
+
+    # ---------------------------------------------------------------------------------------------- diffusion
+    def encode_condition(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition images in [0, 1] -> (encoder hidden states [B, 77, D], reference latents), as the pipeline."""
+        pixels = clip_pixels(images, self.feature_extractor).to(self.image_encoder.dtype)
+        with torch.no_grad():
+            embeds = self.image_encoder(pixel_values=pixels).image_embeds
+            ref = encode_reference(self.vae, images)
+        return self.conditioner(embeds.to(self.conditioner.dtype)), ref
+
+    def diffusion_targets(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+        """(noisy latents x_t, v-target) of the training schedule."""
+        return self.noise_scheduler.add_noise(z0, noise, t), self.noise_scheduler.get_velocity(z0, noise, t)
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights for v-prediction, ``min(SNR, gamma) / (SNR + 1)``; ones when gamma is None."""
+        gamma = self.cfg.train.min_snr_gamma
+        if gamma is None:
+            return torch.ones(t.shape, device=t.device)
+        a = self.alphas_cumprod.to(t.device)[t].float()
+        snr = a / (1.0 - a)
+        return snr.clamp(max=gamma) / (snr + 1.0)
+
+    def random_cond_size(self, generator: torch.Generator | None = None) -> int:
+        lo, hi = self.cond_size_range
+        k = int(torch.randint(lo // self.size_multiple, hi // self.size_multiple + 1, (), generator=generator))
+        return k * self.size_multiple
+
+    def prepare_condition(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training augmentation: gray condition with probability ``cond_dropout``, random square resize."""
+        drop = _rand((cond.shape[0],), generator, cond.device, randn=False) < self.cfg.train.cond_dropout
+        cond = torch.where(drop[:, None, None, None], torch.full_like(cond, GRAY), cond)
+        return _resize(cond, self.random_cond_size(generator))
+
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None, augment: bool = True):
+        """Loss of one batch (``cond`` [B, 3, Hc, Wc], ``target`` [B, 3, 3H, 2W], both in [0, 1]).
+
+        Randomness (dropout, resize, timesteps, noise, posterior sample) comes from ``generator`` when given, else
+        from the global RNG; ``augment=False`` (validation) keeps the condition as it is.
+        """
+        cond, target = batch["cond"], batch["target"]
+        if augment:
+            cond = self.prepare_condition(cond, generator)
+        hidden, ref = self.encode_condition(cond)
+        with torch.no_grad():
+            z0 = encode_target(self.vae, target, generator).float()
+        b, device = z0.shape[0], z0.device
+        if generator is None:
+            t = torch.randint(0, len(self.alphas_cumprod), (b,), device=device)
+        else:
+            t = torch.randint(0, len(self.alphas_cumprod), (b,), generator=generator).to(device)
+        x_t, v = self.diffusion_targets(z0, _rand(z0.shape, generator, device), t)
+        ref_t = noisy_reference(ref, t, _rand(ref.shape, generator, device), self.alphas_cumprod)
+        pred = reference_forward(self.unet, x_t, t, hidden, ref_t)
+        per_sample = (pred.float() - v.float()).square().mean(dim=(1, 2, 3))
+        return (self.loss_weights(t) * per_sample).mean()
+
+    # ------------------------------------------------------------------------------------------------ lightning
+    def training_step(self, batch, batch_idx):
+        loss = self.compute_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["target"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        g = torch.Generator().manual_seed(self.cfg.val.seed + batch_idx)
+        loss = self.compute_loss(batch, generator=g, augment=False)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0], sync_dist=True)
+        if batch_idx == 0 and self.cfg.val.num_images > 0 and self.trainer.is_global_zero:
+            self.log_samples(batch)
+
+    def configure_optimizers(self):
+        """AdamW with warm-up and the configured schedule; no weight decay on the ramp coefficients."""
+        unet = [p for p in self.unet.parameters() if p.requires_grad]
+        groups = [{"params": unet}, {"params": [self.conditioner.ramp], "weight_decay": 0.0}]
+        return adamw_with_schedule(groups, self.cfg.optim, self._total_steps())
+
+    def _total_steps(self) -> int:
+        trainer = self._trainer
+        if trainer is None:
+            return max(1, self.cfg.trainer.max_steps)
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        return max(1, int(trainer.estimated_stepping_batches))
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self)
+
+    def on_validation_epoch_start(self) -> None:  # validate (loss and samples) what export writes: the EMA weights
+        if self.ema is not None and self._ema_ctx is None:
+            self._ema_ctx = self.ema.applied(self)
+            self._ema_ctx.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        ctx, self._ema_ctx = self._ema_ctx, None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    def on_train_start(self) -> None:
+        if self.trainer.world_size > 1:  # same run seed on every rank: decorrelate timesteps and noise per rank
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = self.export_pipeline(Path(self.trainer.default_root_dir) / "export")
+            log.info("exported the multi-view pipeline to %s", path)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._ema_ctx is not None:
+            raise RuntimeError("checkpoint requested while the EMA weights are swapped in (inside validation)")
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint)
+        if self.ema is not None:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    def check_checkpoint(self, checkpoint: dict) -> None:
+        """Every UNet / conditioner tensor (and the EMA state when EMA is on) must be in a checkpoint; unknown keys
+        are errors. The frozen VAE and CLIP encoder are not stored."""
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            raise KeyError("checkpoint has no 'state_dict' (not a Lightning checkpoint of the multiview stage?)")
+        expected = {k for k in self.state_dict() if not k.startswith(FROZEN_PREFIXES)}
+        missing, unexpected = expected - set(state), set(state) - set(self.state_dict())
+        if missing or unexpected:
+            raise KeyError(
+                f"checkpoint does not match this multiview model (model sizes / preset?): missing "
+                f"{sorted(missing)[:4]} ({len(missing)}), unexpected {sorted(unexpected)[:4]} ({len(unexpected)})"
+            )
+        if self.ema is not None and "ema" not in checkpoint:
+            raise KeyError("ema.enabled=true but the checkpoint has no 'ema' state (trained with ema.enabled=false?)")
+
+    def load_checkpoint(self, checkpoint: dict) -> None:
+        """Weights (and EMA state) of a checkpoint dict, as written by the trainer."""
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"], strict=False)
+
+    # ------------------------------------------------------------------------------------------ sampling, export
+    def pipeline(self) -> MultiViewDiffusionPipeline:
+        """A pipeline over this module's current weights; it shares the modules (see :meth:`sampling_weights`)."""
+        pipe = MultiViewDiffusionPipeline(
+            unet=self.unet,
+            vae=self.vae,
+            scheduler=self.sampler_scheduler,
+            image_encoder=self.image_encoder,
+            feature_extractor=self.feature_extractor,
+            conditioner=self.conditioner,
+            view_size=self.cfg.model.view_size,
+            cond_size=self.cfg.model.cond_size,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def sample(self, image, **kwargs):
+        """Generate with the sampling weights (EMA when on), in eval mode; the arguments of the pipeline's call."""
+        was_training = self.training
+        self.eval()
+        try:
+            with self.sampling_weights():
+                return self.pipeline()(image, **kwargs)
+        finally:
+            self.train(was_training)
+
+    def export_pipeline(self, out: str | Path) -> Path:
+        """Write the diffusers folder (model_index.json + component folders, safetensors) with the sampling weights
+        (EMA when on): written beside ``out`` under a temporary name, then renamed into place."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+        old = out.parent / f".old-{out.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with self.sampling_weights():
+                self.pipeline().save_pretrained(str(tmp), safe_serialization=True)
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    def log_samples(self, batch: dict) -> Path:
+        """Sample the first ``val.num_images`` conditions; the sheet (input | generated | ground truth) goes to
+        ``RUN/media/val_samples/`` and the run's loggers."""
+        v = self.cfg.val
+        n = min(v.num_images, batch["cond"].shape[0])
+        out = self.sample(
+            batch["cond"][:n],
+            num_inference_steps=v.num_inference_steps,
+            guidance_scale=v.guidance_scale,
+            sampler=v.sampler,
+            generator=torch.Generator().manual_seed(v.seed),
+            output_type="pt",
+        )
+        sheet = sample_sheet(batch["cond"][:n], out.grid, batch["target"][:n])
+        return log_image(self.trainer, "val/samples", sheet)
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+def load_stage_config(config_path=None, overrides=()) -> DictConfig:
+    cfg = load_config(MultiViewConfig, config_path, overrides)
+    check_config(to_object(cfg))
+    return cfg
+
+
+def run_training(cfg, callbacks=()):
+    """Build module and data from a resolved config and fit; returns ``(trainer, run directory)``."""
+    from one2345pp.data.datamodule import MultiViewDataModule
+
+    conf: MultiViewConfig = to_object(cfg)
+    if conf.train.cpu_threads is not None:
+        torch.set_num_threads(conf.train.cpu_threads)
+    module = MultiViewModule(conf)
+    data = MultiViewDataModule(conf.data)
+    return fit(STAGE, cfg, module, data, callbacks)
+
+
+def train(config_path=None, overrides=()) -> int:
+    """``one2345pp train --stage multiview``: train, then write ``RUN/export/``."""
+    trainer, run = run_training(load_stage_config(config_path, overrides))
+    loss = trainer.callback_metrics.get("train/loss")
+    loss_text = f"{float(loss):.4f}" if loss is not None else "n/a"
+    print(f"multiview: {trainer.global_step} steps, last train/loss {loss_text}")
+    print(f"run directory: {run}\nexported pipeline: {run / 'export'}")
+    return 0
+
+
+def export(run: str | Path, out: str | Path | None = None) -> Path:
+    """``one2345pp export --stage multiview``: a run directory (its ``ckpts/last.ckpt``) or a checkpoint inside a
+    run's ``ckpts/`` -> pipeline folder ``out`` (default ``RUN/export``), EMA weights when the run used EMA."""
+    p = Path(run)
+    if p.is_dir():
+        run, ckpt = p, p / "ckpts" / "last.ckpt"
+    elif p.is_file():
+        run, ckpt = p.parent.parent, p
+    else:
+        raise FileNotFoundError(f"no run directory or checkpoint at {p}")
+    config = run / "config.yaml"
+    if not ckpt.is_file() or not config.is_file():
+        raise FileNotFoundError(f"export needs {ckpt} and {config}")
+    module = MultiViewModule(to_object(load_stage_config(config)))
+    module.load_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
+    return module.export_pipeline(out if out is not None else run / "export")

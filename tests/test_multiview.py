@@ -1,0 +1,450 @@
+"""Stage 1 (multi-view diffusion), tiny preset on CPU at 32 px views: reference attention, conditioning, targets,
+a deterministic overfit, export -> from_pretrained, pretrained folders, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from lightning.pytorch import Callback
+
+from one2345pp.config import ConfigError, load_config, to_object
+from one2345pp.data.config import DataConfig, RenderConfig, VolumeConfig
+from one2345pp.models.multiview_builders import (
+    MultiViewModelConfig,
+    build_components,
+    build_unet,
+    pretrained_kind,
+    random_components,
+)
+from one2345pp.models.multiview_pipeline import MultiViewDiffusionPipeline, make_sampler
+from one2345pp.models.reference_attention import (
+    READ,
+    RECORD,
+    ReferenceAttnProcessor,
+    ReferencePass,
+    noisy_reference,
+    reference_forward,
+    self_attention_names,
+)
+from one2345pp.stages.multiview import MultiViewConfig, MultiViewModule, export, load_stage_config, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "experiments" / "tiny" / "multiview.yaml"
+SMALL = [  # 32 px views and conditions keep the tests fast
+    "model.view_size=32",
+    "model.cond_size=32",
+    "train.cond_size_min=32",
+    "train.cond_size_max=64",
+    "val.num_images=1",
+    "val.num_inference_steps=2",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(*overrides: str) -> MultiViewConfig:
+    return to_object(load_config(MultiViewConfig, TINY, [*SMALL, *overrides]))
+
+
+def module(*overrides: str) -> MultiViewModule:
+    return MultiViewModule(config(*overrides))
+
+
+def images(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Smooth, distinct images in [0, 1] (colour ramps and a disc), deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    out = []
+    for _ in range(batch):
+        a, b, c = torch.rand(3, 3, generator=g)
+        disc = (((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < 0.1).float()
+        out.append(a[:, None, None] * xx + b[:, None, None] * yy + c[:, None, None] * disc)
+    return torch.stack(out).clamp(0, 1)
+
+
+def batch_of(n: int = 2, seed: int = 0) -> dict:
+    return {"cond": images(n, 32, 32, seed), "target": images(n, 96, 64, seed + 100)}
+
+
+# ------------------------------------------------------------------------------------------- reference attention
+def test_record_read_reaches_every_attn1_and_only_those():
+    unet = random_components("tiny").unet
+    modules = dict(unet.named_modules())
+    attn1 = {f"{n}.processor" for n in modules if n.endswith(".attn1")}
+    others = set(unet.attn_processors) - attn1
+    assert len(attn1) >= 4 and others and set(self_attention_names(unet)) == attn1
+    procs = unet.attn_processors
+    assert all(isinstance(procs[n], ReferenceAttnProcessor) for n in attn1)
+    assert not any(isinstance(procs[n], ReferenceAttnProcessor) for n in others)
+
+    calls: dict[str, list[tuple[int, int]]] = {}
+    inputs: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, m in modules.items():
+        if name.endswith((".attn1", ".attn2")):
+            key = f"{name}.processor"
+            hooks.append(
+                m.to_q.register_forward_hook(
+                    lambda _m, a, _o, k=key: calls.setdefault(k, []).append((a[0].shape[1], -1))
+                )
+            )
+            hooks.append(
+                m.to_k.register_forward_hook(
+                    lambda _m, a, _o, k=key: calls[k].__setitem__(-1, (calls[k][-1][0], a[0].shape[1]))
+                )
+            )
+            hooks.append(m.register_forward_pre_hook(lambda _m, a, k=key: inputs.setdefault(k, []).append(a[0])))
+    tokens: dict[str, torch.Tensor] = {}
+    passes = (ReferencePass(RECORD, tokens), ReferencePass(READ, tokens))
+    x, ref = torch.randn(1, 4, 12, 8), torch.randn(1, 4, 4, 4)  # target and reference of different sizes
+    with torch.no_grad():
+        reference_forward(unet, x, torch.tensor([500]), torch.randn(1, 77, 64), ref, passes)
+    for h in hooks:
+        h.remove()
+    assert set(tokens) == attn1 and sorted(passes[1].reads) == sorted(attn1)
+    for name in attn1:  # record: plain self-attention over the reference; read: keys = target + recorded tokens
+        (q_ref, kv_ref), (q_tgt, kv_tgt) = calls[name]
+        assert kv_ref == q_ref and kv_tgt == q_tgt + q_ref
+        assert torch.equal(tokens[name], inputs[name][0])  # the recorded tokens are the attn1 input
+    for name in others:  # cross-attention: always the 77 text tokens
+        assert [kv for _, kv in calls[name]] == [77, 77]
+
+
+# ------------------------------------------------------------------------------------------------ conditioning
+def test_condition_changes_output_and_condition_path_gets_gradient():
+    m = module("train.trainable=attn")
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 12, 8), torch.tensor([300, 700])
+    noise = torch.randn(2, 4, 4, 4)
+    hid_a, ref_a = m.encode_condition(images(2, 32, 32, seed=1))
+    hid_b, ref_b = m.encode_condition(images(2, 32, 32, seed=2))
+    ref_a, ref_b = (noisy_reference(r, t, noise, m.alphas_cumprod) for r in (ref_a, ref_b))
+    with torch.no_grad():
+        out = {
+            k: reference_forward(m.unet, x, t, h, r)
+            for k, (h, r) in {
+                "a": (hid_a, ref_a),
+                "b": (hid_b, ref_b),
+                "ref_only": (hid_a, ref_b),
+                "glob_only": (hid_b, ref_a),
+            }.items()
+        }
+    for k in ("b", "ref_only", "glob_only"):  # the whole condition, and each of its two paths alone, matter
+        assert (out[k] - out["a"]).abs().max() > 1e-4, k
+
+    ref_in = ref_a.detach().clone().requires_grad_(True)
+    reference_forward(m.unet, x, t, hid_a, ref_in).square().mean().backward()
+    assert ref_in.grad is not None and ref_in.grad.abs().sum() > 0  # gradient reaches the reference latent
+    assert m.conditioner.ramp.grad.abs().sum() > 0  # and the ramp of the global condition
+    trained = {n for n, p in m.unet.named_parameters() if p.requires_grad}
+    assert trained and all(".attn1." in n or ".attn2.to_k." in n or ".attn2.to_v." in n for n in trained)
+    assert all(m.unet.get_parameter(n).grad is not None for n in trained if ".attn1.to_k" in n)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    losses, grads = [], []
+    for ckpt in ("false", "true"):
+        m = module(f"train.gradient_checkpointing={ckpt}", "train.trainable=full")
+        loss = m.compute_loss(batch_of(), generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in m.trainable_parameters()]))
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_unconditional_branch_uses_a_gray_condition():
+    m = module("train.cond_dropout=1.0")
+    seen: list[torch.Tensor] = []
+    encode = m.encode_condition
+    m.encode_condition = lambda im: (seen.append(im.detach().clone()), encode(im))[1]
+    m.compute_loss(batch_of(), generator=torch.Generator().manual_seed(0))
+    assert seen[-1].shape[0] == 2 and torch.all(seen[-1] == 0.5)
+
+    m = module("train.cond_dropout=0.0")
+    m.encode_condition = lambda im: (seen.append(im.detach().clone()), encode(im))[1]
+    m.compute_loss(batch_of(), generator=torch.Generator().manual_seed(0))
+    assert not torch.any(seen[-1].flatten(1).eq(0.5).all(1))  # no dropout: no gray condition
+
+    pipe = m.pipeline()
+    call = pipe.encode_condition
+    pipe.encode_condition = lambda im: (seen.append(im.clone()), call(im))[1]
+    cond = images(2, 32, 32, seed=5)
+    pipe(cond, num_inference_steps=1, guidance_scale=4.0, output_type="pt")
+    assert seen[-1].shape[0] == 4  # [unconditional, conditional]
+    assert torch.all(seen[-1][:2] == 0.5) and torch.allclose(seen[-1][2:], cond)
+    pipe(cond, num_inference_steps=1, guidance_scale=1.0, output_type="pt")
+    assert seen[-1].shape[0] == 2  # no guidance: no unconditional branch
+
+
+# -------------------------------------------------------------------------------------------- targets and loss
+def test_v_target_is_the_schedulers_velocity_and_min_snr_weights():
+    m = module()
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(4, 4, 12, 8, generator=g), torch.randn(4, 4, 12, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t, v = m.diffusion_targets(z0, noise, t)
+    published = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="linear",
+        prediction_type="v_prediction",
+    )
+    torch.testing.assert_close(v, published.get_velocity(z0, noise, t))
+    ac = torch.cumprod(1.0 - torch.linspace(0.00085, 0.012, 1000, dtype=torch.float64), 0)[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(v, (ac.sqrt() * noise - (1 - ac).sqrt() * z0).float())
+    torch.testing.assert_close(x_t, (ac.sqrt() * z0 + (1 - ac).sqrt() * noise).float())
+    snr = (ac / (1 - ac)).flatten()
+    torch.testing.assert_close(m.loss_weights(t), (snr.clamp(max=5.0) / (snr + 1)).float())
+    sampler = make_sampler("euler_a", m.sampler_scheduler.config)
+    assert sampler.config.prediction_type == "v_prediction" and sampler.config.beta_schedule == "linear"
+    assert sampler.config.timestep_spacing == "trailing"
+
+
+def test_a_few_dozen_steps_on_one_batch_lower_the_loss():
+    m = module(
+        "train.trainable=full", "train.cond_dropout=0.0", "optim.lr=2e-3", "optim.warmup_steps=0", "ema.enabled=false"
+    )
+    batch = batch_of(2, seed=3)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return (
+                sum(float(m.compute_loss(batch, torch.Generator().manual_seed(k), augment=False)) for k in range(4)) / 4
+            )
+
+    before = fixed_loss()
+    opt = m.configure_optimizers()["optimizer"]
+    torch.manual_seed(0)
+    for _ in range(30):
+        loss = m.compute_loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.trainable_parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    after = fixed_loss()
+    assert after < 0.5 * before, (before, after)
+
+
+# ------------------------------------------------------------------------------------------------------ export
+def test_export_from_pretrained_reproduces_the_modules_samples(tmp_path):
+    m = module("ema.enabled=true")
+    opt = m.configure_optimizers()["optimizer"]
+    for _ in range(2):  # move UNet, EMA and ramp away from their initial values
+        m.compute_loss(batch_of()).backward()
+        opt.step()
+        opt.zero_grad()
+        m.ema.update(m)
+    cond = images(1, 48, 40, seed=9)[0]  # a non-square [3, H, W] input
+    kw = {"num_inference_steps": 3, "guidance_scale": 4.0}
+    mine = m.sample(cond, generator=torch.Generator().manual_seed(7), **kw)
+    out = m.export_pipeline(tmp_path / "export")
+    assert (out / "model_index.json").is_file() and not list(out.rglob("*.bin"))
+    assert {p.parent.name for p in out.rglob("*.safetensors")} == {"unet", "vae", "image_encoder", "conditioner"}
+    pipe = MultiViewDiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(cond, generator=torch.Generator().manual_seed(7), **kw)
+    assert len(theirs.views) == 6 and theirs.views[0].size == (32, 32) and theirs.grid.size == (64, 96)
+    # The same weights, noise and steps. Not bit-exact: safetensors memory-maps the loaded weights at addresses the
+    # CPU kernels treat differently from freshly allocated ones (float32 rounding, ~1e-5 here), so pixels may differ
+    # by one 8-bit level.
+    for a, b in zip([*mine.views, mine.grid], [*theirs.views, theirs.grid]):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+    for sampler in ("euler_a", "ddim"):
+        a, b = (
+            f(cond, generator=torch.Generator().manual_seed(7), sampler=sampler, output_type="pt", **kw).grid
+            for f in (pipe, m.sample)
+        )
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    shadow = m.ema.shadow  # the export carries the EMA averages of the UNet and the ramp
+    assert all(torch.equal(p, shadow[f"unet.{n}"]) for n, p in pipe.unet.named_parameters() if f"unet.{n}" in shadow)
+    assert torch.equal(pipe.conditioner.ramp, shadow["conditioner.ramp"])
+    assert not torch.equal(m.conditioner.ramp, shadow["conditioner.ramp"])  # and the module kept its own weights
+    assert not all(torch.equal(p, shadow[f"unet.{n}"]) for n, p in m.unet.named_parameters())
+    other = pipe(cond, generator=torch.Generator().manual_seed(8), **kw)
+    assert not np.array_equal(np.asarray(other.grid), np.asarray(theirs.grid))
+    ddim = pipe([cond, cond], num_inference_steps=2, sampler="ddim", view_size=64, output_type="pil")
+    assert len(ddim.views) == 2 and ddim.views[1][5].size == (64, 64) and ddim.grid[0].size == (128, 192)
+    with pytest.raises(ValueError, match="sampler"):
+        pipe(cond, num_inference_steps=1, sampler="heun")
+    again = build_components(MultiViewModelConfig(pretrained=str(out)))  # continue training from an export
+    assert torch.equal(again.conditioner.ramp, shadow["conditioner.ramp"])
+
+
+# -------------------------------------------------------------------------------------------------- pretrained
+def _tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps({"!": 0, "a</w>": 1, "<|startoftext|>": 998, "<|endoftext|>": 999}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
+    tok.save_pretrained(str(folder))
+
+
+def _pretrained_folder(root: Path, zero123plus: bool) -> tuple[Path, dict]:
+    """A diffusers folder laid out like Stable Diffusion 2 (or Zero123++) with tiny random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from one2345pp.models.multiview_builders import PRESETS
+
+    c = random_components("tiny", seed=4)
+    c.unet.save_pretrained(str(root / "unet"))
+    c.vae.save_pretrained(str(root / "vae"))
+    with torch.random.fork_rng(devices=[]):  # the same text encoder in every folder
+        torch.manual_seed(5)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**PRESETS["tiny"]["text_encoder"]))
+    text_encoder.save_pretrained(str(root / "text_encoder"))
+    _tokenizer(root / "tokenizer")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }
+    clip = root / "vision_encoder" if zero123plus else root.parent / f"{root.name}-clip"
+    c.image_encoder.save_pretrained(str(clip))
+    if zero123plus:
+        c.feature_extractor.save_pretrained(str(root / "feature_extractor_clip"))
+        index.update(_class_name="Zero123PlusPipeline", ramping_coefficients=[0.5 - i / 200 for i in range(77)])
+    (root / "model_index.json").write_text(json.dumps(index))
+    return clip, {"unet": c.unet.state_dict()}
+
+
+def test_builds_from_sd2_and_zero123plus_folders(tmp_path):
+    sd2, z123 = tmp_path / "sd2", tmp_path / "z123"
+    clip, ref = _pretrained_folder(sd2, zero123plus=False)
+    with pytest.raises(ValueError, match="model.image_encoder"):
+        build_components(MultiViewModelConfig(pretrained=str(sd2)))
+    c = build_components(MultiViewModelConfig(pretrained=str(sd2), image_encoder=str(clip)))
+    assert all(torch.equal(v, ref["unet"][k]) for k, v in c.unet.state_dict().items())
+    torch.testing.assert_close(c.conditioner.ramp, torch.arange(77) / 77)
+    assert c.conditioner.empty_prompt.abs().sum() > 0 and c.conditioner.empty_prompt.shape == (1, 77, 64)
+    assert isinstance(c.unet.attn_processors[self_attention_names(c.unet)[0]], ReferenceAttnProcessor)
+
+    _pretrained_folder(z123, zero123plus=True)
+    z = build_components(MultiViewModelConfig(pretrained=str(z123)))
+    torch.testing.assert_close(z.conditioner.ramp, torch.tensor([0.5 - i / 200 for i in range(77)]))
+    torch.testing.assert_close(z.conditioner.empty_prompt, c.conditioner.empty_prompt)
+
+    assert pretrained_kind({"_class_name": "MultiViewDiffusionPipeline"}) == "export"
+    with pytest.raises(ValueError, match="lacks"):
+        pretrained_kind({"_class_name": "Other", "unet": []})
+    with pytest.raises(FileNotFoundError, match="model.pretrained"):
+        build_components(MultiViewModelConfig(pretrained=str(tmp_path / "missing")))
+
+
+def test_full_preset_has_the_sd2_unet_size_and_configs_are_checked():
+    n_full = sum(p.numel() for p in build_unet("full", device="meta").parameters())
+    assert n_full == 865_910_724  # Stable Diffusion 2's UNet
+    n_tiny = sum(p.numel() for p in build_unet("tiny").parameters())
+    assert 1e6 < n_tiny < 1e7
+    full = to_object(load_stage_config(ROOT / "experiments" / "multiview.yaml"))
+    assert full.model.preset == "full" and full.trainer.precision == "bf16-mixed" and full.train.trainable == "attn"
+    with pytest.raises(ConfigError, match="train.trainable"):
+        load_stage_config(TINY, ["train.trainable=lora"])
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        module("train.cond_size_min=40", "train.cond_size_max=50")
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+class Probe(Callback):
+    """What the trainer holds when training (re)starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.step = trainer.global_step
+        self.optimizer = {
+            k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+            for k, s in trainer.optimizers[0].state_dict()["state"].items()
+        }
+        self.ema = {k: v.clone() for k, v in pl_module.ema.shadow.items()}
+        self.ema_updates = pl_module.ema.num_updates
+
+
+def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path):
+    from one2345pp.data.shards import build_shards
+
+    data = DataConfig(
+        view_resolution=32,
+        cond_resolution=32,
+        cond_samples=1,
+        render=RenderConfig(supersample=1),
+        volume=VolumeConfig(coarse_resolution=16),
+    )
+    build_shards("procedural", tmp_path / "data", data, num_objects=4, progress=False)
+    args = [
+        *SMALL,
+        f"data.train_shards={tmp_path / 'data'}",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "data.epoch_samples=4",
+        "data.shuffle_buffer=2",
+        "data.view_resolution=32",
+        "data.cond_resolution=32",
+        f"run.root={tmp_path / 'runs'}",
+        "run.name=r",
+        "trainer.enable_progress_bar=false",
+        "trainer.limit_val_batches=1",
+        "ema.enabled=true",
+    ]
+    trainer, run = run_training(load_stage_config(TINY, [*args, "trainer.max_steps=3"]))
+    assert trainer.global_step == 3 and run == tmp_path / "runs" / "multiview" / "r"
+    for rel in ("config.yaml", "ckpts/last.ckpt", "export/model_index.json", "logs/metrics.csv"):
+        assert (run / rel).is_file(), rel
+    assert list((run / "media" / "val_samples").glob("step*.png"))  # validation sheet: input | generated | ground truth
+    ckpt = torch.load(run / "ckpts" / "last.ckpt", map_location="cpu", weights_only=True)
+    keys = set(ckpt["state_dict"])
+    assert not any(k.startswith(("vae.", "image_encoder.")) for k in keys)
+    assert "conditioner.ramp" in keys and any(k.startswith("unet.") for k in keys)
+    assert "unet.conv_in.weight" in ckpt["ema"]["shadow"]  # the tiny preset trains the full UNet
+
+    probe = Probe()
+    trainer, _ = run_training(load_stage_config(TINY, [*args, "trainer.max_steps=5", "run.resume=last"]), [probe])
+    assert probe.step == 3 and trainer.global_step == 5
+    saved = ckpt["optimizer_states"][0]["state"]
+    assert saved and set(probe.optimizer) == set(saved)
+    for k, s in saved.items():
+        for name, value in s.items():
+            assert torch.equal(torch.as_tensor(probe.optimizer[k][name]), torch.as_tensor(value)), (k, name)
+    assert probe.ema_updates == int(ckpt["ema"]["num_updates"]) == 3
+    assert set(probe.ema) == set(ckpt["ema"]["shadow"])
+    assert all(torch.equal(v, ckpt["ema"]["shadow"][k]) for k, v in probe.ema.items())
+
+    again = export(run, tmp_path / "again")  # rebuild from config.yaml + last.ckpt (frozen parts re-created)
+    cond = images(1, 32, 32, seed=11)
+    grids = []
+    for folder in (run / "export", again):
+        pipe = MultiViewDiffusionPipeline.from_pretrained(str(folder))
+        pipe.set_progress_bar_config(disable=True)
+        grids.append(
+            pipe(cond, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").grid
+        )
+    assert torch.equal(grids[0], grids[1]) and math.isfinite(float(grids[0].mean()))
+
+    with pytest.raises(FileNotFoundError, match="no run directory or checkpoint"):
+        export(tmp_path / "missing")
+    plain = MultiViewModule(to_object(load_stage_config(run / "config.yaml", ["ema.enabled=false"])))
+    state = dict(ckpt["state_dict"])
+    state.pop("unet.conv_in.weight")
+    with pytest.raises(KeyError, match=r"missing \['unet.conv_in.weight'\]"):  # a checkpoint of another model
+        plain.load_checkpoint({"state_dict": state})
+    plain.load_checkpoint(ckpt)  # the weights without the EMA state load into a model without EMA
+    with pytest.raises(KeyError, match="no 'ema' state"):
+        MultiViewModule(to_object(load_stage_config(run / "config.yaml"))).load_checkpoint(
+            {"state_dict": ckpt["state_dict"]}
+        )
