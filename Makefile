@@ -10,9 +10,14 @@ CLI         := $(VENV)/bin/one2345pp
 # multi-GB CUDA build). GPU clusters install through environment.yml instead.
 TORCH_SPEC  ?= torch==2.13.0
 STAMP       := $(VENV)/.installed
+# The Khronos glTF validator (npm) that the texture tests and exports are checked with; kept out of git in .gl/.
+GLTF_VALIDATOR ?= gltf-validator@2.0.0-dev.3.10
+GL_STAMP    := .gl/.installed
 
 STAGE       ?=
 CONFIG      ?=
+RUN         ?=
+OUT         ?=
 ARGS        ?=
 N           ?= 64
 WORKERS     ?= $(shell nproc 2>/dev/null || echo 2)
@@ -22,10 +27,11 @@ GSO_DIR     ?=
 PIPELINE    ?=
 EVAL_OUT    ?= outputs/eval-gso
 
-.PHONY: help setup system-deps test demo data train-stage eval-gso lint bench-data clean
+.PHONY: help setup system-deps test demo data train-stage export eval-gso lint clean \
+        bench-data bench-multiview bench-sparse bench-recon bench-texture
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
 	@echo "  variables: STAGE=multiview|coarse|fine|texture CONFIG=path ARGS=\"key=value ...\" N=$(N) WORKERS=$(WORKERS)"
 
 system-deps: ## system libraries the stack needs (libusb-1.0 for open3d)
@@ -49,9 +55,14 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 	@echo "virtualenv ready: $(VENV)"
 
-setup: $(STAMP) ## virtualenv .venv with the package (editable), CPU torch and dev tools; system libraries when root
+$(GL_STAMP):
+	@command -v npm >/dev/null || { echo "error: npm (Node.js >= 18) is needed for the glTF validator (tools/validate_gltf.js); install nodejs and npm, e.g. sudo apt-get install nodejs npm" >&2; exit 1; }
+	npm install --prefix .gl --no-audit --no-fund --silent $(GLTF_VALIDATOR)
+	@touch $(GL_STAMP)
 
-test: $(STAMP) ## the test suite (CPU, a few minutes)
+setup: $(STAMP) $(GL_STAMP) ## virtualenv .venv with the package (editable), CPU torch and dev tools; system libraries when root
+
+test: $(STAMP) $(GL_STAMP) ## the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP) ## the main job on the embedded procedural dataset -> outputs/demo/
@@ -66,6 +77,10 @@ train-stage: $(STAMP) ## train one stage: STAGE=... [CONFIG=path, default experi
 	@test -n "$(STAGE)" || { echo "usage: make train-stage STAGE=<stage> [CONFIG=path] [ARGS=\"key=value ...\"]" >&2; exit 2; }
 	$(CLI) train --stage $(STAGE) --config $(if $(CONFIG),$(CONFIG),experiments/$(STAGE).yaml) $(ARGS)
 
+export: $(STAMP) ## export a trained stage: STAGE=... RUN=checkpoints/STAGE/NAME [OUT=dir, default RUN/export]
+	@test -n "$(STAGE)" -a -n "$(RUN)" || { echo "usage: make export STAGE=<stage> RUN=<run dir> [OUT=dir]" >&2; exit 2; }
+	$(CLI) export --stage $(STAGE) --run $(RUN) $(if $(OUT),--out $(OUT),)
+
 eval-gso: $(STAMP) ## score a pipeline on Google Scanned Objects: GSO_DIR=... PIPELINE=...
 	@test -n "$(GSO_DIR)" -a -n "$(PIPELINE)" || { echo "usage: make eval-gso GSO_DIR=path PIPELINE=path" >&2; exit 2; }
 	$(CLI) eval --dataset gso --input $(GSO_DIR) --pipeline $(PIPELINE) --out $(EVAL_OUT) $(ARGS)
@@ -75,6 +90,18 @@ lint: $(STAMP) ## ruff over the code
 
 bench-data: $(STAMP) ## data pipeline throughput table
 	$(PY) benchmarks/bench_data.py $(ARGS)
+
+bench-multiview: $(STAMP) ## multi-view stage: training samples/s, seconds per 28-step sample
+	$(PY) benchmarks/bench_multiview.py $(ARGS)
+
+bench-sparse: $(STAMP) ## sparse convolutions (torch backend / torchsparse) against dense conv3d at 128^3
+	$(PY) benchmarks/bench_sparse.py $(ARGS)
+
+bench-recon: $(STAMP) ## train tiny coarse+fine, reconstruct 16 held-out objects: F-Score, Chamfer, shell IoU
+	$(PY) benchmarks/bench_recon.py $(ARGS)
+
+bench-texture: $(STAMP) $(GL_STAMP) ## texture refinement seconds, bake, held-out PSNR (CPU / nvdiffrast)
+	$(PY) benchmarks/bench_texture.py $(ARGS)
 
 clean: ## remove build outputs (keeps .venv and data)
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache
