@@ -43,8 +43,10 @@ def test_bad_overrides_are_clear_errors(tmp_path):
 
 
 def test_cli_reports_unknown_stage_and_source(capsys, tmp_path):
-    assert main(["train", "--stage", "coarse"]) == 2
-    assert "unknown stage 'coarse'" in capsys.readouterr().err
+    assert main(["train", "--stage", "voxels"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'voxels'" in err
+    assert "coarse, fine, multiview, texture" in err
     with pytest.raises(SystemExit):
         main(["data", "build", "--source", "nowhere", "--out", "x"])
     out = tmp_path / "out"

@@ -18,7 +18,12 @@ from .data.sources import SOURCES
 # Stage name -> module. Each stage module defines ``train(config_path, overrides) -> int`` (``one2345pp train``)
 # and ``export(run, out=None) -> Path`` (``one2345pp export``: a run directory or checkpoint -> the folder the
 # pipeline loads).
-STAGES: dict[str, str] = {}
+STAGES: dict[str, str] = {
+    "multiview": "one2345pp.stages.multiview",
+    "coarse": "one2345pp.stages.coarse",
+    "fine": "one2345pp.stages.fine",
+    "texture": "one2345pp.stages.texture",
+}
 
 
 @dataclass
@@ -133,7 +138,7 @@ def cmd_data_sheet(args) -> int:
 
 def _stage_module(name: str):
     if name not in STAGES:
-        known = ", ".join(sorted(STAGES)) or "none (no stage is implemented in this version)"
+        known = ", ".join(sorted(STAGES))
         raise ConfigError(f"unknown stage {name!r}; known stages: {known}")
     import importlib
 
