@@ -73,3 +73,27 @@ def test_fit_writes_run_dir_and_resume_continues_the_step_count(tmp_path):
 def test_resume_last_without_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="last.ckpt"):
         fit("toy", cfg(tmp_path, name="nothing", resume="last"), Toy(), ToyData())
+
+
+def test_runs_without_a_terminal_print_progress_lines(tmp_path, capsys):
+    import io
+
+    from one2345pp.training.progress import LineProgress, progress_callback
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_callback("toy", 2, Tty()) is None  # a terminal keeps Lightning's bar
+    assert isinstance(progress_callback("toy", 2, io.StringIO()), LineProgress)
+    c = cfg(tmp_path)
+    c.trainer.enable_progress_bar = True
+    c.trainer.log_every_n_steps = 3
+    c.trainer.max_steps = 8  # one epoch of 8 batches, then validation
+    fit("toy", c, Toy(), ToyData())  # pytest's captured stderr is not a terminal
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[toy] ")]
+    steps = [ln.split()[2] for ln in lines if ln.split()[1] == "step"]
+    assert steps == ["3/8", "6/8", "8/8"]
+    assert all("it/s" in ln and "train/loss" in ln for ln in lines if ln.split()[1] == "step")
+    assert lines[0] == "[toy] training from step 0 to 8" and lines[-1].startswith("[toy] done at step 8")
+    assert any(ln.startswith("[toy] validation at step 8: val/loss") for ln in lines)

@@ -112,7 +112,9 @@ def _devices(value: str):
 
 def build_trainer(cfg_trainer: TrainerConfig, run: RunConfig, directory: Path, stage: str, callbacks=()):
     from lightning.pytorch import Trainer
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+
+    from .progress import progress_callback
 
     ckpt = ModelCheckpoint(
         dirpath=str(directory / "ckpts"),
@@ -125,9 +127,13 @@ def build_trainer(cfg_trainer: TrainerConfig, run: RunConfig, directory: Path, s
     )
     logger = make_logger(run, directory, stage)
     cbs = [ckpt, *callbacks]
+    t = cfg_trainer
+    if t.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in cbs):
+        line_progress = progress_callback(stage, max(1, t.log_every_n_steps))  # None on a terminal: Lightning's bar
+        if line_progress is not None:
+            cbs.append(line_progress)
     if run.logger != "csv":
         cbs.append(LearningRateMonitor(logging_interval="step"))
-    t = cfg_trainer
     return Trainer(
         default_root_dir=str(directory),
         max_steps=t.max_steps,
