@@ -185,6 +185,7 @@ def evaluate(
             )
         ).data
     )
+
     def surface_samples(mesh, k: int) -> np.ndarray:  # fresh, reproducible draws per call
         return sample_surface(mesh.vertices, mesh.faces, points, seed=seed * 1000 + k)
 
