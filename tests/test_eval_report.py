@@ -155,3 +155,26 @@ def test_non_finite_values_and_bad_rows(tmp_path):
         write_report([{"uid": "x", "clip": "high"}], tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         read_metrics(tmp_path / "nowhere")
+
+
+def test_unavailable_metrics_are_na_with_their_reason(tmp_path):
+    rows = [{"uid": "a", "fscore": 0.8, "psnr": 18.0}, {"uid": "b", "fscore": 0.6, "psnr": 22.0}]
+    why = {"clip": "no CLIP model configured", "lpips": "no LPIPS weights configured"}
+    paths = write_report(rows, tmp_path, dataset="procedural", unavailable=why)
+    md = paths["markdown"].read_text()
+    ours = next(line for line in md.splitlines() if line.startswith("| **Ours"))
+    cells = [c.strip() for c in ours.strip("|").split("|")]
+    # Method | F-Score | Chamfer | CLIP | Time | PSNR | LPIPS | Mask IoU
+    assert cells[1] == "70.0" and cells[5] == "20.00"
+    assert cells[3] == "n/a" and cells[6] == "n/a" and cells[2] == "—"  # not measured vs measured-but-missing
+    assert "CLIP-sim (%) ↑: not available (no CLIP model configured)" in md
+    assert "LPIPS ↓: not available (no LPIPS weights configured)" in md
+    per_object = [line for line in md.splitlines() if line.startswith("| a |")]
+    assert per_object and per_object[0].count("n/a") == 2
+    assert json.loads(paths["json"].read_text())["unavailable"] == why
+    page = paths["html"].read_text()
+    assert "not available (no CLIP model configured)" in page and "<td>n/a</td>" in page
+    with pytest.raises(ValueError, match="unknown metric 'colour'"):
+        write_report(rows, tmp_path, unavailable={"colour": "why"})
+    with pytest.raises(ValueError, match="needs a reason"):
+        write_report(rows, tmp_path, unavailable={"clip": ""})

@@ -15,6 +15,8 @@ Means are taken over the successful (``ok``) objects, per column over the values
 NaN and infinities - e.g. the PSNR of two identical images - are left out of the mean, written as ``null`` in the
 JSON and empty in the CSV). Failed objects are listed with their reason and counted. The Markdown and HTML tables put
 our means next to the published GSO numbers of METHOD.md (F-Score and CLIP similarity printed x 100 as in the paper).
+Metrics that were not measured at all (``unavailable``: metric -> reason, e.g. no CLIP model configured) are printed
+as "n/a" with the reason beside the tables and kept in the JSON.
 Every file is written to a temporary name and renamed.
 """
 
@@ -101,6 +103,8 @@ _TABLE = (
     ("mask_iou", "Mask IoU ↑", 1.0, 3),
 )
 _DASH = "—"
+_NA = "n/a"
+_HEADERS = {key: header for key, header, _, _ in _TABLE}
 
 
 # --------------------------------------------------------------------------------------------------------- rows
@@ -264,12 +268,30 @@ def _fmt_seconds(v) -> str:
     return f"{float(v):.1f} s" if _finite(v) else _DASH
 
 
-def _summary_cells(summary: Mapping) -> list[str]:
+def _summary_cells(summary: Mapping, unavailable: Mapping[str, str] | None = None) -> list[str]:
+    unavailable = unavailable or {}
     cells = []
     for key, _, scale, dec in _TABLE:
         v = summary["mean"].get(key)
-        cells.append(_fmt_seconds(v) if key == "seconds" else _fmt(v, scale, dec))
+        if key in unavailable:
+            cells.append(_NA)
+        else:
+            cells.append(_fmt_seconds(v) if key == "seconds" else _fmt(v, scale, dec))
     return cells
+
+
+def _unavailable_notes(unavailable: Mapping[str, str]) -> list[str]:
+    return [f"{_HEADERS.get(k, k)}: not available ({reason})." for k, reason in unavailable.items()]
+
+
+def _check_unavailable(unavailable: Mapping[str, str] | None) -> dict[str, str]:
+    out = dict(unavailable or {})
+    for key, reason in out.items():
+        if key not in METRICS:
+            raise ValueError(f"unavailable: unknown metric {key!r}; metrics are {METRICS}")
+        if not isinstance(reason, str) or not reason:
+            raise ValueError(f"unavailable: metric {key!r} needs a reason (a non-empty string), got {reason!r}")
+    return out
 
 
 def _published_cells(p: Published) -> list[str]:
@@ -287,15 +309,22 @@ def _ours_label(dataset: str, summary: Mapping) -> str:
     return f"Ours ({dataset}, {summary['succeeded']} of {summary['count']} objects)"
 
 
-def _object_cells(r: Mapping) -> list[str]:
-    return [_fmt_seconds(r.get(k)) if k == "seconds" else _fmt(r.get(k), s, d) for k, _, s, d in _TABLE]
+def _object_cells(r: Mapping, unavailable: Mapping[str, str] | None = None) -> list[str]:
+    unavailable = unavailable or {}
+    return [
+        _NA if k in unavailable else _fmt_seconds(r.get(k)) if k == "seconds" else _fmt(r.get(k), s, d)
+        for k, _, s, d in _TABLE
+    ]
 
 
 def _md_cell(text) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
-def render_markdown(rows: Sequence[Mapping], summary: Mapping, *, title: str, dataset: str) -> str:
+def render_markdown(
+    rows: Sequence[Mapping], summary: Mapping, *, title: str, dataset: str, unavailable: Mapping[str, str] | None = None
+) -> str:
+    unavailable = _check_unavailable(unavailable)
     headers = [h for _, h, _, _ in _TABLE]
     lines = [f"# {title}", ""]
     lines.append(
@@ -303,17 +332,19 @@ def render_markdown(rows: Sequence[Mapping], summary: Mapping, *, title: str, da
         f"{summary['failed']} failed (failed objects are left out of the means)."
     )
     lines += ["", "## Summary", "", "| Method | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
-    lines.append(f"| **{_md_cell(_ours_label(dataset, summary))}** | " + " | ".join(_summary_cells(summary)) + " |")
+    ours = _summary_cells(summary, unavailable)
+    lines.append(f"| **{_md_cell(_ours_label(dataset, summary))}** | " + " | ".join(ours) + " |")
     for p in PUBLISHED:
         lines.append(f"| {_md_cell(p.method)} (published) | " + " | ".join(_published_cells(p)) + " |")
     lines.append("")
     lines += [f"- {note}" for note in PUBLISHED_NOTES]
     if dataset.lower() != "gso":
         lines.append(f"- Our numbers are on the {_md_cell(dataset)} set, not GSO: compare with care.")
+    lines += [f"- {_md_cell(note)}" for note in _unavailable_notes(unavailable)]
     lines += ["", "## Per object", "", "| uid | status | " + " | ".join(headers) + " | reason |"]
     lines.append("|---" * (len(headers) + 3) + "|")
     for r in rows:
-        cells = [_md_cell(r["uid"]), r["status"], *_object_cells(r), _md_cell(r.get("reason") or "")]
+        cells = [_md_cell(r["uid"]), r["status"], *_object_cells(r, unavailable), _md_cell(r.get("reason") or "")]
         lines.append("| " + " | ".join(cells) + " |")
     if summary["failed"]:
         lines += ["", "## Failures", ""]
@@ -343,7 +374,16 @@ def _img(src: str, caption: str) -> str:
     return f'<figure><a href="{s}"><img src="{s}" alt="{c}" loading="lazy"></a><figcaption>{c}</figcaption></figure>'
 
 
-def render_html(rows: Sequence[Mapping], summary: Mapping, *, title: str, dataset: str, settings=None) -> str:
+def render_html(
+    rows: Sequence[Mapping],
+    summary: Mapping,
+    *,
+    title: str,
+    dataset: str,
+    settings=None,
+    unavailable: Mapping[str, str] | None = None,
+) -> str:
+    unavailable = _check_unavailable(unavailable)
     e = html.escape
     headers = "".join(f"<th>{e(h)}</th>" for _, h, _, _ in _TABLE)
     out = [
@@ -356,7 +396,7 @@ def render_html(rows: Sequence[Mapping], summary: Mapping, *, title: str, datase
         "<h2>Summary</h2>",
         f'<table id="summary"><tr><th>Method</th>{headers}</tr>',
         f'<tr class="ours"><td>{e(_ours_label(dataset, summary))}</td>'
-        + "".join(f"<td>{e(c)}</td>" for c in _summary_cells(summary))
+        + "".join(f"<td>{e(c)}</td>" for c in _summary_cells(summary, unavailable))
         + "</tr>",
     ]
     for p in PUBLISHED:
@@ -366,6 +406,7 @@ def render_html(rows: Sequence[Mapping], summary: Mapping, *, title: str, datase
     notes = list(PUBLISHED_NOTES)
     if dataset.lower() != "gso":
         notes.append(f"Our numbers are on the {dataset} set, not GSO: compare with care.")
+    notes += _unavailable_notes(unavailable)
     out += [f'<p class="note">{e(n)}</p>' for n in notes]
     out += [
         "<h2>Per object</h2>",
@@ -373,7 +414,7 @@ def render_html(rows: Sequence[Mapping], summary: Mapping, *, title: str, datase
     ]
     for r in rows:
         cls = "failed" if r["status"] == "failed" else "ok"
-        cells = "".join(f"<td>{e(c)}</td>" for c in _object_cells(r))
+        cells = "".join(f"<td>{e(c)}</td>" for c in _object_cells(r, unavailable))
         figs = "".join(_img(r[k], k.removesuffix("_image")) for k in _image_keys(r) if r.get(k))
         out.append(
             f'<tr class="{cls}"><td>{e(r["uid"])}</td><td>{e(r["status"])}</td>{cells}'
@@ -393,10 +434,14 @@ def write_report(
     dataset: str = "gso",
     title: str = "One-2-3-45++ evaluation",
     settings: Mapping | None = None,
+    unavailable: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write ``metrics.csv``, ``metrics.json``, ``report.md`` and ``report.html`` into ``out_dir`` (each atomically)
     and return their paths by kind (``csv``, ``json``, ``markdown``, ``html``). ``settings`` (e.g. the resolved
-    eval config) is stored in the JSON and shown in the HTML page."""
+    eval config) is stored in the JSON and shown in the HTML page. ``unavailable`` maps metrics that were not
+    measured to the reason (e.g. no CLIP model configured): stored in the JSON, printed as "n/a" with the reason in
+    the Markdown and HTML tables."""
+    unavailable = _check_unavailable(unavailable)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     norm = normalize_rows(rows, out_dir)
@@ -407,13 +452,16 @@ def write_report(
         **{k: summary[k] for k in ("count", "succeeded", "failed", "mean", "n", "failures")},
         "published": [asdict(p) for p in PUBLISHED],
         "settings": _json_value(dict(settings)) if settings else {},
+        "unavailable": unavailable,
         "objects": [_json_value(r) for r in norm],
     }
     paths = {kind: out_dir / name for kind, name in FILES.items()}
     _write_text(paths["csv"], render_csv(norm))
     _write_text(paths["json"], json.dumps(_json_value(payload), indent=2, allow_nan=False) + "\n")
-    _write_text(paths["markdown"], render_markdown(norm, summary, title=title, dataset=dataset))
-    _write_text(paths["html"], render_html(norm, summary, title=title, dataset=dataset, settings=settings))
+    md = render_markdown(norm, summary, title=title, dataset=dataset, unavailable=unavailable)
+    _write_text(paths["markdown"], md)
+    page = render_html(norm, summary, title=title, dataset=dataset, settings=settings, unavailable=unavailable)
+    _write_text(paths["html"], page)
     return paths
 
 
