@@ -81,9 +81,10 @@ export: $(STAMP) ## export a trained stage: STAGE=... RUN=checkpoints/STAGE/NAME
 	@test -n "$(STAGE)" -a -n "$(RUN)" || { echo "usage: make export STAGE=<stage> RUN=<run dir> [OUT=dir]" >&2; exit 2; }
 	$(CLI) export --stage $(STAGE) --run $(RUN) $(if $(OUT),--out $(OUT),)
 
-eval-gso: $(STAMP) ## score a pipeline on Google Scanned Objects: GSO_DIR=... PIPELINE=...
-	@test -n "$(GSO_DIR)" -a -n "$(PIPELINE)" || { echo "usage: make eval-gso GSO_DIR=path PIPELINE=path" >&2; exit 2; }
-	$(CLI) eval --dataset gso --input $(GSO_DIR) --pipeline $(PIPELINE) --out $(EVAL_OUT) $(ARGS)
+eval-gso: $(STAMP) ## score a pipeline on GSO: GSO_DIR=... PIPELINE=... [EVAL_CONFIG=experiments/eval/gso.yaml LIMIT=N]
+	@test -n "$(GSO_DIR)" -a -n "$(PIPELINE)" || { echo "usage: make eval-gso GSO_DIR=path PIPELINE=path [EVAL_CONFIG=yaml] [LIMIT=N] [ARGS=\"key=value ...\"]" >&2; exit 2; }
+	$(CLI) eval --dataset gso --input $(GSO_DIR) --pipeline $(PIPELINE) --out $(EVAL_OUT) \
+		--config $(if $(EVAL_CONFIG),$(EVAL_CONFIG),experiments/eval/gso.yaml) $(if $(LIMIT),--limit $(LIMIT),) $(ARGS)
 
 lint: $(STAMP) ## ruff over the code
 	$(VENV)/bin/ruff check src tests benchmarks data_pipelines

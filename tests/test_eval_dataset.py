@@ -4,6 +4,7 @@ resume)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -207,3 +208,91 @@ def test_presets_load(name):
     if name == "gso":
         assert cfg.points == 100_000 and cfg.clip.model and cfg.lpips.weights
         assert len(cfg.views.elevations_deg) == 2 and cfg.views.azimuth_step_deg == 30.0
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+METRIC_KEYS = ("fscore", "chamfer", "clip", "psnr", "lpips", "mask_iou", "seconds")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in sorted((out / "objects").glob("*/metrics.json"))}
+
+
+def test_gso_run_tables_means_limit_resume_and_a_broken_object(tmp_path, tiny_pipeline_dir, model_paths):
+    gso, out = tmp_path / "gso", tmp_path / "eval"
+    write_gso_object(gso, "Ball", _sphere())
+    write_gso_object(gso, "Box", _box())
+    args = dict(dataset="gso", input_dir=gso, pipeline_dir=tiny_pipeline_dir, out_dir=out)
+    overrides = [*FAST, f"clip.model={model_paths['clip']}", f"lpips.weights={model_paths['lpips']}"]
+
+    first = evaluate_dataset(**args, limit=1, overrides=overrides)
+    assert (first["count"], first["evaluated"], first["skipped"]) == (1, 1, 0)
+    assert len(_read_csv(out / "metrics.csv")) == 1
+    done = _mtimes(out)
+
+    full = evaluate_dataset(**args, overrides=overrides)
+    assert (full["count"], full["succeeded"], full["evaluated"], full["skipped"]) == (2, 2, 1, 1)
+    assert _mtimes(out)[next(iter(done))] == next(iter(done.values()))  # the finished object was not redone
+    for name in ("metrics.csv", "metrics.json", "report.md", "report.html", "eval_config.yaml"):
+        assert (out / name).is_file(), name
+    rows = _read_csv(out / "metrics.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["unavailable"] == {} and full["unavailable"] == {}
+    for key in METRIC_KEYS:
+        values = [float(r[key]) for r in rows]
+        assert all(math.isfinite(v) for v in values), key
+        assert data["mean"][key] == pytest.approx(sum(values) / 2), key
+        assert full["mean"][key] == pytest.approx(sum(values) / 2), key
+    for r in rows:
+        assert 0.0 <= float(r["fscore"]) <= 1.0 and -1.0 <= float(r["clip"]) <= 1.0
+        for key in ("input_image", "views_image", "gt_views_image", "turntable_image", "gt_turntable_image", "mesh"):
+            assert (out / r[key]).is_file(), key
+        obj = json.loads((out / "objects" / r["uid"] / "metrics.json").read_text())
+        assert obj["fscore"] == pytest.approx(float(r["fscore"])) and len(obj["psnr_views"]) == 6
+    md = (out / "report.md").read_text()
+    assert "2 of 2 objects" in md and "93.6" in md
+    assert "objects/" in (out / "report.html").read_text()
+
+    # a broken object: recorded with its reason, the others kept; a rerun leaves it alone unless asked
+    (gso / "Broken" / "meshes").mkdir(parents=True)
+    (gso / "Broken" / "meshes" / "model.obj").write_bytes(b"\x00\x01 this is not a mesh \xff\xfe\n")
+    before = _mtimes(out)
+    third = evaluate_dataset(**args, overrides=overrides)
+    assert (third["count"], third["succeeded"], third["failed"], third["evaluated"]) == (3, 2, 1, 1)
+    (failure,) = third["failures"]
+    assert failure["uid"].startswith("Broken") and failure["reason"].startswith("load: ")
+    assert {k: v for k, v in _mtimes(out).items() if k in before} == before
+    rows = _read_csv(out / "metrics.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]  # folders in sorted order: Ball, Box, Broken
+    assert json.loads((out / "metrics.json").read_text())["mean"]["fscore"] == pytest.approx(full["mean"]["fscore"])
+    assert failure["reason"] in (out / "report.md").read_text()
+    assert evaluate_dataset(**args, overrides=overrides)["evaluated"] == 0
+    assert evaluate_dataset(**args, overrides=[*overrides, "retry_failed=true"])["evaluated"] == 1
+
+    with pytest.raises(ConfigError, match="points"):  # other settings into the same folder are refused
+        evaluate_dataset(**args, overrides=[*overrides, "points=2000"])
+
+
+def test_procedural_run_writes_its_tables_without_clip_or_lpips(tmp_path, tiny_pipeline_dir):
+    out = tmp_path / "eval"
+    summary = evaluate_dataset(
+        "procedural", None, tiny_pipeline_dir, out, overrides=[*FAST, "procedural.num_objects=2"]
+    )
+    assert (summary["count"], summary["succeeded"]) == (2, 2), summary["failures"]
+    assert set(summary["unavailable"]) == {"clip", "lpips"}
+    rows = _read_csv(out / "metrics.csv")
+    assert [r["uid"] for r in rows] == ["proc-1000-000000", "proc-1000-000001"]
+    assert all(r["clip"] == "" and r["lpips"] == "" for r in rows)  # recorded as not measured, not faked
+    for key in ("fscore", "chamfer", "psnr", "mask_iou"):
+        assert summary["mean"][key] == pytest.approx(sum(float(r[key]) for r in rows) / 2)
+    assert sorted(p.name for p in (out / "meshes").iterdir()) == [r["uid"] for r in rows]  # written, read back
+    md = (out / "report.md").read_text()
+    assert "not available (no CLIP model configured" in md and "not GSO" in md

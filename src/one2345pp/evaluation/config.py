@@ -85,6 +85,8 @@ class PipelineCallConfig:
     fine_steps: int | None = None
     refine: bool | None = None
     refine_iterations: int | None = None
+    coarse_guidance: float | None = None
+    fine_guidance: float | None = None
 
 
 @dataclass
