@@ -15,6 +15,8 @@ from .config import ConfigError, load_config, to_object
 from .data.config import DataConfig
 from .data.sources import SOURCES
 
+DATASETS = ("gso", "procedural")  # eval --dataset (one2345pp.evaluation.dataset)
+
 # Stage name -> module. Each stage module defines ``train(config_path, overrides) -> int`` (``one2345pp train``)
 # and ``export(run, out=None) -> Path`` (``one2345pp export``: a run directory or checkpoint -> the folder the
 # pipeline loads).
@@ -36,7 +38,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.cond_samples=1")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and the parsers of the subcommands that take positionals after options (parsed
+    intermixed) or a sub-mode (``eval mesh``)."""
     parser = argparse.ArgumentParser(prog="one2345pp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -65,9 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stage", required=True, help="stage name")
     _add_config_args(t)
 
-    ev = sub.add_parser("eval", help="evaluate meshes: `eval mesh PRED GT` (F-Score, Chamfer)")
-    evs = ev.add_subparsers(dest="eval_cmd", required=True)
-    m = evs.add_parser("mesh", help="F-Score at 0.05 and Chamfer of a predicted mesh against a ground-truth mesh")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate: `eval mesh PRED GT` (one mesh pair) or `eval --dataset gso|procedural ...` (a pipeline)",
+        description="Evaluate a pipeline on a dataset (the options below), or one mesh against another with "
+        "`one2345pp eval mesh PRED GT` (see `one2345pp eval mesh --help`).",
+    )
+    ev.add_argument("--dataset", required=True, choices=DATASETS, help="gso (needs --input) or procedural")
+    ev.add_argument("--input", type=Path, default=None, help="dataset folder (GSO root)")
+    ev.add_argument("--pipeline", required=True, type=Path, help="pipeline folder (one2345pp export --multiview ...)")
+    ev.add_argument("--out", required=True, type=Path, help="output folder for metrics and reports")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N objects only")
+    _add_config_args(ev)
+
+    m = argparse.ArgumentParser(
+        prog="one2345pp eval mesh",
+        description="F-Score at 0.05 and Chamfer of a predicted mesh against a ground-truth mesh",
+    )
     m.add_argument("pred", type=Path, help="predicted mesh (GLB/OBJ/PLY/OFF)")
     m.add_argument("gt", type=Path, help="ground-truth mesh")
     m.add_argument("--no-align", action="store_true", help="skip the rotation search + ICP alignment")
@@ -75,16 +93,42 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--points", type=int, default=100_000, help="surface samples per mesh")
     m.add_argument("--tau", type=float, default=0.05, help="F-Score threshold (unit bounding box)")
 
+    inf = sub.add_parser(
+        "infer",
+        help="images -> textured meshes with a pipeline folder",
+        description="Run the pipeline on images (or folders of images): OUT/<stem>/{mesh.glb, views.png, "
+        "turntable.png, result.json}. Finished images are skipped, failures recorded.",
+    )
+    inf.add_argument("inputs", nargs="+", metavar="IMAGE|key=value", help="images or folders; then key=value overrides")
+    inf.add_argument("--pipeline", required=True, type=Path, help="pipeline folder (model_index.json)")
+    inf.add_argument("--out", required=True, type=Path, help="output folder")
+    inf.add_argument("--seed", type=int, default=0, help="seed of every stage's noise")
+    inf.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
+    inf.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    inf.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     sw = sub.add_parser("sweep", help="run trials of a W&B sweep file locally (no W&B server needed)")
     sw.add_argument("file", type=Path, help="sweep YAML, e.g. experiments/sweeps/coarse.yaml")
     sw.add_argument("--trials", type=int, default=1, help="number of trials to run")
     sw.add_argument("--seed", type=int, default=0, help="seed of the random search")
     sw.add_argument("--dry-run", action="store_true", help="print the trial commands without running them")
 
-    e = sub.add_parser("export", help="export a trained stage (run directory or checkpoint) for the pipeline")
-    e.add_argument("--stage", required=True, help="stage name")
-    e.add_argument("--run", required=True, type=Path, help="run directory (its ckpts/last.ckpt) or a .ckpt file")
-    e.add_argument("--out", type=Path, default=None, help="output folder (default: RUN/export)")
+    e = sub.add_parser(
+        "export",
+        help="export a trained stage, or build a pipeline folder from runs",
+        description="`export --stage NAME --run RUN [--out DIR]`: one stage's export folder. "
+        "`export --multiview RUN --coarse RUN --fine RUN [--texture CONFIG_OR_RUN] --out DIR [key=value ...]`: "
+        "the pipeline folder (model_index.json + components); key=value set pipeline settings.",
+    )
+    e.add_argument("--stage", default=None, help="stage name (single-stage export)")
+    e.add_argument("--run", type=Path, default=None, help="run directory (its ckpts/last.ckpt) or a .ckpt file")
+    e.add_argument("--multiview", type=Path, default=None, help="multi-view run directory or checkpoint")
+    e.add_argument("--coarse", type=Path, default=None, help="coarse run directory or checkpoint")
+    e.add_argument("--fine", type=Path, default=None, help="fine run directory or checkpoint")
+    e.add_argument("--texture", type=Path, default=None, help="texture YAML config, run, checkpoint or export")
+    e.add_argument("--out", type=Path, default=None, help="output folder (single stage default: RUN/export)")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="pipeline settings, e.g. num_inference_steps=50")
+    return parser, {"eval": ev, "eval mesh": m, "infer": inf}
     return parser
 
 
@@ -150,9 +194,83 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    out = _stage_module(args.stage).export(args.run, args.out)
-    print(f"exported {args.stage} to {out}")
+    pipeline_args = {"--multiview": args.multiview, "--coarse": args.coarse, "--fine": args.fine}
+    if args.stage is not None:
+        extra = [k for k, v in {**pipeline_args, "--texture": args.texture}.items() if v is not None]
+        if args.run is None or extra or args.overrides:
+            raise ConfigError(
+                "export --stage NAME takes --run RUN [--out DIR] only"
+                + (f" (got {', '.join(extra)})" if extra else "")
+                + (f" (got overrides {' '.join(args.overrides)})" if args.overrides else "")
+            )
+        out = _stage_module(args.stage).export(args.run, args.out)
+        print(f"exported {args.stage} to {out}")
+        return 0
+    missing = [k for k, v in {**pipeline_args, "--out": args.out}.items() if v is None]
+    if missing or args.run is not None:
+        raise ConfigError(
+            "export needs either --stage NAME --run RUN, or --multiview RUN --coarse RUN --fine RUN --out DIR"
+            + (f" (missing {', '.join(missing)})" if missing else " (--run goes with --stage)")
+        )
+    from .pipeline.build import build_pipeline
+
+    out = build_pipeline(args.multiview, args.coarse, args.fine, args.out, args.texture, args.overrides)
+    print(f"pipeline folder: {out}")
     return 0
+
+
+def cmd_infer(args) -> int:
+    from .pipeline.infer import infer_images, summary
+
+    images = [i for i in args.inputs if not _is_override(i)]
+    overrides = [i for i in args.inputs if _is_override(i)]
+    results = infer_images(
+        images,
+        args.pipeline,
+        args.out,
+        seed=args.seed,
+        overrides=overrides,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        device=args.device,
+    )
+    print(f"infer: {summary(results)}; outputs in {args.out}")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _is_override(item: str) -> bool:
+    """``key=value`` (a dotted key) that is not an existing file."""
+    import re
+
+    return bool(re.match(r"^[A-Za-z_][\w.]*=", item)) and not Path(item).exists()
+
+
+def cmd_eval_dataset(args) -> int:
+    import json
+
+    from .evaluation.dataset import evaluate_dataset
+
+    summary = evaluate_dataset(
+        dataset=args.dataset,
+        input_dir=args.input,
+        pipeline_dir=args.pipeline,
+        out_dir=args.out,
+        limit=args.limit,
+        overrides=list(args.overrides),
+        config_path=args.config,
+    )
+    print(
+        f"eval {args.dataset}: {summary.get('succeeded')} of {summary.get('count')} objects succeeded, "
+        f"{summary.get('failed')} failed ({summary.get('skipped')} finished before)"
+    )
+    for key, value in (summary.get("mean") or {}).items():
+        print(f"  {key:<20}{'n/a' if value is None else f'{value:.4f}'}")
+    for failure in summary.get("failures") or []:
+        print(f"  failed: {failure.get('uid')}: {failure.get('reason')}", file=sys.stderr)
+    for kind, path in (summary.get("files") or {}).items():
+        print(f"  {kind}: {path}")
+    print(json.dumps({k: summary.get(k) for k in ("count", "succeeded", "failed", "mean")}, default=str))
+    return 1 if summary.get("failed") else 0
 
 
 def cmd_eval_mesh(args) -> int:
@@ -183,18 +301,26 @@ def cmd_sweep(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    handlers = {
-        ("data", "build"): cmd_data_build,
-        ("data", "sheet"): cmd_data_sheet,
-        ("train", None): cmd_train,
-        ("export", None): cmd_export,
-        ("eval", "mesh"): cmd_eval_mesh,
-        ("sweep", None): cmd_sweep,
-    }
-    key = (args.command, getattr(args, "data_cmd", None) or getattr(args, "eval_cmd", None))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, special = _parser()
+    if argv[:2] == ["eval", "mesh"]:
+        args = special["eval mesh"].parse_args(argv[2:])
+        args.command, handler = "eval", cmd_eval_mesh
+    elif argv[:1] in (["eval"], ["infer"]):  # positionals may follow options: parse intermixed
+        args = special[argv[0]].parse_intermixed_args(argv[1:])
+        args.command, handler = argv[0], cmd_eval_dataset if argv[0] == "eval" else cmd_infer
+    else:
+        args = parser.parse_args(argv)
+        handlers = {
+            ("data", "build"): cmd_data_build,
+            ("data", "sheet"): cmd_data_sheet,
+            ("train", None): cmd_train,
+            ("export", None): cmd_export,
+            ("sweep", None): cmd_sweep,
+        }
+        handler = handlers[(args.command, getattr(args, "data_cmd", None))]
     try:
-        return handlers[key](args)
+        return handler(args)
     except (ConfigError, FileNotFoundError, ValueError, ImportError) as exc:
         print(f"one2345pp {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """Input image -> the condition image the multi-view stage was trained on.
 
 1. Read and check the file (corrupt, empty, 1x1, over PIL's decompression-bomb limit, unsupported mode -> an
-   :class:`ImageError` naming the file and the problem).
-2. Foreground mask: an RGBA / LA / palette-with-transparency image uses its alpha. An opaque image goes through
+   :class:`ImageError` naming the file and the problem); an EXIF orientation is applied.
+2. Foreground mask: an RGBA / LA / palette-with-transparency image uses its alpha (an alpha channel without a
+   single transparent pixel counts as opaque). An opaque image goes through
    background removal: ``rembg`` when ``background_removal`` is ``"rembg"`` or ``"auto"`` and rembg with its model is
    available locally; otherwise (``"auto"`` / ``"plain"``) a plain-background fallback: the background colour is the
    median of the border pixels, which must be uniform (their spread under ``plain_tolerance``); pixels farther than
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MODES = ("1", "RGB", "RGBA", "L", "LA", "P", "PA", "I;16", "I", "F", "CMYK", "YCbCr")
 REMOVERS = ("auto", "rembg", "plain")
@@ -70,7 +71,7 @@ def open_image(path: str | os.PathLike | Image.Image) -> Image.Image:
     try:
         with Image.open(p) as im:
             im.load()
-            return im.copy()
+            return ImageOps.exif_transpose(im)  # camera photos: apply the EXIF orientation (a copy)
     except Image.DecompressionBombError as exc:
         raise ImageError(source, f"image is larger than PIL's decompression-bomb limit ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -89,7 +90,8 @@ def _to_rgba_array(im: Image.Image, source: str) -> tuple[np.ndarray, bool]:
         hi = a.max()
         im = Image.fromarray(np.uint8(np.clip(a / (hi if hi > 0 else 1.0), 0, 1) * 255), "L")
     rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
-    return rgba, has_alpha
+    # an alpha channel that is opaque everywhere says nothing about the object: treat the image as opaque
+    return rgba, has_alpha and bool((rgba[..., 3] < 1.0).any())
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
