@@ -14,9 +14,9 @@ A randomly initialised coarse model may predict an empty volume (the pipeline th
 on one synthetic object: the occupancy shell and the SDF of a sphere of radius 0.3, conditioned on random views
 (uniform noise images, the six cameras of the layout). A diffusion model trained on a single object whatever the
 condition learns that object as its distribution, so sampling from any image gives the sphere's shell (IoU about
-0.98 with the target after 30 steps) and a closed mesh around radius 0.3. Building takes a few seconds on a CPU;
-one pipeline call with the stored settings (4 multi-view steps, 8 coarse and 4 fine steps, 20 refinement steps)
-about a second.
+0.98 with the target after 30 steps) and a closed mesh around radius 0.3. Measured on the shared 2-core machine
+(load 4-6): building 3.5-7.5 s (the two fits; the rest well under a second), one pipeline call with the stored
+settings (4 multi-view steps, 8 coarse and 4 fine steps, 20 refinement steps) 0.4-3.5 s.
 """
 
 from __future__ import annotations

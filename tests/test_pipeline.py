@@ -294,3 +294,32 @@ def test_export_needs_the_data_facts_and_says_how_to_give_them(runs, tmp_path, c
     assert "takes --run RUN [--out DIR] only (got --fine)" in capsys.readouterr().err
     assert _export(runs, tmp_path / "o4", coarse=tmp_path / "nowhere") == 2
     assert "no such run directory or checkpoint" in capsys.readouterr().err
+
+
+def test_to_moves_the_multiview_stage_to_a_dtype(tiny_pipeline_dir, image, reference):
+    p = One2345PPPipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.float64)
+    assert p.dtype == torch.float64 and p.multiview.unet.dtype == torch.float64
+    assert next(p.coarse.parameters()).dtype == torch.float32  # the 3D stages stay float32
+    a, b = (p(image, seed=3, refine=False, coarse_steps=2, fine_steps=1) for _ in range(2))
+    # diffusers draws the noise in the model's dtype, so the sample differs from float32's; a seed still fixes it
+    assert np.array_equal(np.asarray(a.grid), np.asarray(b.grid)) and a.coarse_occupancy.any()
+    assert p.to("cpu") is p and p.device == torch.device("cpu")
+
+
+def test_texture_settings_from_config_run_checkpoint_or_export(runs, tmp_path):
+    from one2345pp.pipeline.build import load_texture
+    from one2345pp.stages.texture import TextureSettings, save_settings
+
+    want = tiny_texture_settings()
+    assert load_texture(None, tmp_path) == TextureSettings()
+    assert load_texture(runs["root"] / "texture.yaml", tmp_path) == want
+    run = tmp_path / "texture-run"
+    run.mkdir()
+    shutil.copy(runs["root"] / "texture.yaml", run / "config.yaml")
+    assert load_texture(run, tmp_path / "scratch") == want  # a run without export/: the stage's export()
+    assert (tmp_path / "scratch" / "texture" / "config.json").is_file() and not (run / "export").exists()
+    save_settings(want, run / "export")
+    assert load_texture(run, tmp_path) == want
+    assert load_texture(run / "export" / "config.json", tmp_path) == want
+    with pytest.raises(FileNotFoundError, match="--texture"):
+        load_texture(tmp_path / "none", tmp_path)
