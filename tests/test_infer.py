@@ -110,6 +110,8 @@ def test_infer_refuses_bad_jobs_before_running(job, tmp_path, capsys):
     assert "num_inference_step" in capsys.readouterr().err
     assert main(["infer", img, "--pipeline", pipe, "--out", str(tmp_path / "a"), "turntable.views=0"]) == 2
     assert "turntable: views must be >= 1" in capsys.readouterr().err
+    assert main(["infer", img, "--pipeline", pipe, "--out", str(tmp_path / "a"), "--device", "cuda:99"]) == 2
+    assert "--device cuda:99: no such CUDA device here" in capsys.readouterr().err
     assert main(["infer", img, "--pipeline", str(tmp_path), "--out", str(tmp_path / "a")]) == 2
     assert "not a pipeline folder" in capsys.readouterr().err
     (tmp_path / "b").mkdir()

@@ -122,6 +122,22 @@ def versions() -> dict:
     return out
 
 
+def check_device(device: str | None) -> str:
+    """``device`` checked (ValueError for an unknown name or a CUDA device this machine lacks); None: CUDA when
+    available, else the CPU."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a torch device ({exc})") from exc
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return str(dev)
+
+
 def finished(folder: Path) -> bool:
     """Whether ``folder`` holds the four outputs of a successful run."""
     if not all((folder / name).is_file() for name in OUTPUTS):
@@ -226,6 +242,7 @@ def infer_images(
         raise ValueError("no input images")
     pipeline_dir = Path(pipeline_dir)
     read_index(pipeline_dir)
+    device = check_device(device)
     from ..stages.texture import TextureSettings
 
     apply_overrides(PipelineSettings(), TextureSettings(), overrides)  # bad keys fail before loading anything
@@ -242,9 +259,6 @@ def infer_images(
             results.append(ImageResult(str(path), path.stem, "skipped", out_dir=folder))
             continue
         if pipe is None:  # loaded only when some image needs it
-            import torch
-
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             pipe = One2345PPPipeline.from_pretrained(pipeline_dir, device=device)
             options = apply_overrides(pipe.settings, pipe.texture, overrides)
             pipe.settings, pipe.texture = options.settings, options.texture
