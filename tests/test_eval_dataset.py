@@ -286,18 +286,23 @@ def test_gso_run_tables_means_limit_resume_and_a_broken_object(tmp_path, tiny_pi
         evaluate_dataset(**args, overrides=[*overrides, "points=2000"])
 
 
-def test_procedural_run_writes_its_tables_without_clip_or_lpips(tmp_path, tiny_pipeline_dir):
+def test_eval_command_on_two_procedural_objects_writes_its_tables(tmp_path, tiny_pipeline_dir, capsys):
+    from one2345pp.cli import main
+
     out = tmp_path / "eval"
-    summary = evaluate_dataset(
-        "procedural", None, tiny_pipeline_dir, out, overrides=[*FAST, "procedural.num_objects=2"]
-    )
-    assert (summary["count"], summary["succeeded"]) == (2, 2), summary["failures"]
-    assert set(summary["unavailable"]) == {"clip", "lpips"}
+    preset = REPO / "experiments" / "eval" / "procedural.yaml"
+    args = ["eval", "--dataset", "procedural", "--pipeline", str(tiny_pipeline_dir), "--out", str(out)]
+    assert main([*args, "--config", str(preset), *FAST, "procedural.num_objects=2"]) == 0
+    assert "2 of 2 objects succeeded" in capsys.readouterr().out
+    data = json.loads((out / "metrics.json").read_text())
+    assert (data["count"], data["succeeded"]) == (2, 2), data["failures"]
+    assert set(data["unavailable"]) == {"clip", "lpips"}
     rows = _read_csv(out / "metrics.csv")
     assert [r["uid"] for r in rows] == ["proc-1000-000000", "proc-1000-000001"]
     assert all(r["clip"] == "" and r["lpips"] == "" for r in rows)  # recorded as not measured, not faked
-    for key in ("fscore", "chamfer", "psnr", "mask_iou"):
-        assert summary["mean"][key] == pytest.approx(sum(float(r[key]) for r in rows) / 2)
+    for key in ("fscore", "chamfer", "psnr", "mask_iou", "seconds"):
+        assert data["mean"][key] == pytest.approx(sum(float(r[key]) for r in rows) / 2)
     assert sorted(p.name for p in (out / "meshes").iterdir()) == [r["uid"] for r in rows]  # written, read back
     md = (out / "report.md").read_text()
     assert "not available (no CLIP model configured" in md and "not GSO" in md
+    assert (out / "report.html").is_file()
