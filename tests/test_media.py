@@ -75,3 +75,97 @@ def test_as_uint8_image_layouts():
     assert img.shape == (4, 5, 3) and img[..., 0].min() == 255 and img[..., 1].max() == 0
     with pytest.raises(ValueError, match="HW, HWC or CHW"):
         as_uint8_image(np.zeros((2, 2, 2, 2)))
+
+
+# ------------------------------------------------------------------------------------- a W&B run through fit()
+def wandb_records(run_file):
+    """The protobuf records of an offline ``run-<id>.wandb`` file (W&B's LevelDB-style log: 32 KiB blocks of
+    chunks with a 7-byte header: CRC32, length, type full/first/middle/last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    block, pos, buf, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:  # zero padding up to the block end
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            records.append(record)
+    return records
+
+
+def test_wandb_offline_run_holds_config_losses_images_and_meshes(tmp_path, monkeypatch):
+    """A stage-like run with run.logger=wandb and no key: an offline run under RUN/logs/wandb/ with the resolved
+    config, the losses, the image and the 3D object; a resumed run logs into the same W&B run id."""
+    import json
+
+    import wandb
+    from omegaconf import OmegaConf
+
+    from one2345pp.training.runner import WANDB_ID_FILE, fit
+    from test_runner import FullBatch, Toy, cfg
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no stored login either
+    tri = Mesh(
+        vertices=np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1.0]]), faces=np.array([[0, 1, 2], [0, 1, 3]])
+    )
+    mesh_file = save_mesh(tri, tmp_path / "m.glb")
+
+    class Shows(Toy):
+        def on_validation_epoch_end(self):
+            if self.trainer.global_step == 3:
+                log_image(self.trainer, "val/grid", np.full((8, 12, 3), 200, np.uint8))
+                log_mesh(self.trainer, "val/mesh", mesh_file)
+
+    c = cfg(tmp_path, logger="wandb", name="wb")
+    c.trainer.max_steps, c.trainer.log_every_n_steps = 3, 1
+    fit("toy", c, Shows(), FullBatch())
+    logs = tmp_path / "toy" / "wb" / "logs"
+    (offline,) = logs.glob("wandb/offline-run-*")
+    run_id = (logs / WANDB_ID_FILE).read_text().strip()
+    assert offline.name.endswith(run_id)
+    wandb.teardown()  # fit() finished the run; the W&B service writes its file until it shuts down (or exits)
+    records = wandb_records(offline / f"run-{run_id}.wandb")
+    config = {
+        item.key: json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "config"
+        for item in r.config.update
+    }
+    assert config["trainer"]["max_steps"] == 3 and config["run"]["name"] == "wb" and config["run"]["logger"] == "wandb"
+    history = [
+        {(item.key or "/".join(item.nested_key)): item.value_json for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    losses = [h for h in history if "train/loss" in h]
+    assert [int(h["trainer/global_step"]) for h in losses] == [0, 1, 2]
+    assert any("val/loss" in h for h in history)
+    assert any(json.loads(h.get("val/grid/_type", "null")) == "images/separated" for h in history)
+    assert any(json.loads(h.get("val/mesh/_type", "null")) == "object3D-file" for h in history)
+    assert list(offline.glob("files/media/images/val/grid_*.png"))
+    (glb,) = offline.glob("files/media/object3D/val/mesh_*.glb")
+    assert glb.read_bytes() == mesh_file.read_bytes()
+
+    c = cfg(tmp_path, logger="wandb", name="wb", resume="last")
+    c.trainer.max_steps, c.trainer.log_every_n_steps = 5, 1
+    fit("toy", c, Toy(), FullBatch())
+    resumed = sorted(logs.glob("wandb/offline-run-*"))
+    assert len(resumed) == 2 and all(p.name.endswith(run_id) for p in resumed)
+    assert (logs / WANDB_ID_FILE).read_text().strip() == run_id
+    assert OmegaConf.load(tmp_path / "toy" / "wb" / "config.yaml").trainer.max_steps == 5

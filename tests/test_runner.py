@@ -70,6 +70,42 @@ def test_fit_writes_run_dir_and_resume_continues_the_step_count(tmp_path):
     assert state["global_step"] == 8 and state["optimizer_states"][0]["state"]
 
 
+class FullBatch(ToyData):
+    """One batch per epoch: every step sees the same data, with or without an interruption."""
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=len(self.ds))
+
+
+def _losses(directory):
+    import csv
+
+    rows = list(csv.DictReader(open(directory / "logs" / "metrics.csv")))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_resumed_loss_continues_the_logged_curve(tmp_path):
+    """5 steps, stop, resume to 8 = 8 uninterrupted steps (weights, Adam state and step restored), and the resumed
+    run's metrics.csv holds the whole curve (Lightning's CSV logger would start it afresh)."""
+
+    def run(name, steps, **extra):
+        c = cfg(tmp_path, name=name, **extra)
+        c.trainer.max_steps, c.trainer.log_every_n_steps = steps, 1
+        torch.manual_seed(0)
+        return fit("toy", c, Toy(), FullBatch())[1]
+
+    reference = _losses(run("straight", 8))
+    assert sorted(reference) == list(range(8)) and reference[7] < reference[0]
+    before = _losses(run("stopped", 5))
+    assert sorted(before) == list(range(5))
+    resumed = _losses(run("stopped", 8, resume="last"))
+    assert sorted(resumed) == list(range(8))  # the rows before the interruption are kept
+    for step in range(8):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-7), step
+    # the first resumed loss continues the curve: as far from the last loss before stopping as in the reference
+    assert resumed[5] - before[4] == pytest.approx(reference[5] - reference[4], rel=1e-4, abs=1e-7)
+
+
 def test_resume_last_without_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="last.ckpt"):
         fit("toy", cfg(tmp_path, name="nothing", resume="last"), Toy(), ToyData())
