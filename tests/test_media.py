@@ -166,6 +166,33 @@ def test_wandb_offline_run_holds_config_losses_images_and_meshes(tmp_path, monke
     c.trainer.max_steps, c.trainer.log_every_n_steps = 5, 1
     fit("toy", c, Toy(), FullBatch())
     resumed = sorted(logs.glob("wandb/offline-run-*"))
-    assert len(resumed) == 2 and all(p.name.endswith(run_id) for p in resumed)
+    assert len(resumed) == 2 and all((p / f"run-{run_id}.wandb").is_file() for p in resumed)
     assert (logs / WANDB_ID_FILE).read_text().strip() == run_id
     assert OmegaConf.load(tmp_path / "toy" / "wb" / "config.yaml").trainer.max_steps == 5
+
+
+def test_a_ply_mesh_reaches_wandb_as_glb(tmp_path, monkeypatch):
+    import trimesh
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.uint8)
+    tri = trimesh.Trimesh(
+        np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1.0]]), np.array([[0, 1, 2], [0, 1, 3]]), process=False
+    )
+    tri.visual.vertex_colors = colours
+    ply = tmp_path / "m.ply"
+    tri.export(ply)
+    run = tmp_path / "run"
+    logger = make_logger(RunConfig(logger="wandb"), run, "test")
+    trainer = Trainer(default_root_dir=str(run), logger=logger, enable_checkpointing=False)
+    assert log_mesh(trainer, "val/mesh", ply, step=3) == run / "media" / "val_mesh" / "step0000003.ply"
+    glb = run / "media" / "val_mesh" / "step0000003.glb"
+    back = trimesh.load(glb, force="mesh")
+    assert back.faces.shape == (2, 3) and len(back.vertices) == 4
+    np.testing.assert_array_equal(np.unique(back.visual.vertex_colors[:, :3], axis=0), np.unique(colours, axis=0))
+    (logged,) = (run / "logs").rglob("media/object3D/val/mesh_*.glb")
+    assert logged.read_bytes() == glb.read_bytes()
+    logger.experiment.finish()

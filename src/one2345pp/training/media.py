@@ -1,8 +1,9 @@
 """Images and meshes a stage shows people: saved in the run directory and sent to the run's logger (rank 0 only).
 
 - ``log_image``: ``RUN/media/<key>/step<N>.png``; W&B ``log_image``, TensorBoard ``add_image``; CSV runs keep the file.
-- ``log_mesh``: ``RUN/media/<key>/step<N>.glb`` (or the given file's suffix); W&B ``wandb.Object3D`` (GLB/OBJ),
-  TensorBoard ``add_mesh`` (vertices, faces, colours); CSV runs keep the file.
+- ``log_mesh``: ``RUN/media/<key>/step<N>.glb`` (or the given file's suffix); W&B ``wandb.Object3D`` (GLB/glTF/OBJ/STL
+  as they are; PLY/OFF converted to a GLB beside the copy), TensorBoard ``add_mesh`` (vertices, faces, colours); CSV
+  runs keep the file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from PIL import Image
 
 def _rank_zero(trainer) -> bool:
     return trainer is None or bool(getattr(trainer, "is_global_zero", True))
+
+
+def _is_wandb(logger) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)
 
 
 def _media_path(trainer, key: str, step: int, suffix: str) -> Path:
@@ -55,11 +62,25 @@ def log_image(trainer, key: str, image, step: int | None = None) -> Path | None:
     path = _media_path(trainer, key, step, ".png")
     _atomic_png(img, path)
     for logger in getattr(trainer, "loggers", []) or []:
-        if hasattr(logger, "log_image"):  # W&B
+        if _is_wandb(logger):
             logger.log_image(key=key, images=[img], step=step)
         elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
             logger.experiment.add_image(key, img, step, dataformats="HWC" if img.ndim == 3 else "HW")
     return path
+
+
+WANDB_3D_SUFFIXES = (".glb", ".gltf", ".obj", ".stl")  # files wandb.Object3D takes as they are
+
+
+def _as_glb(path: Path) -> Path:
+    """A GLB copy of a mesh file (vertex colours kept) beside it, for viewers that do not read its format."""
+    import trimesh
+
+    out = path.with_suffix(".glb")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(trimesh.load(path, force="mesh").export(file_type="glb"))
+    os.replace(tmp, out)
+    return out
 
 
 def log_mesh(trainer, key: str, mesh_file: str | os.PathLike, step: int | None = None) -> Path | None:
@@ -76,10 +97,11 @@ def log_mesh(trainer, key: str, mesh_file: str | os.PathLike, step: int | None =
     os.replace(tmp, path)
     for logger in getattr(trainer, "loggers", []) or []:
         experiment = getattr(logger, "experiment", None)
-        if hasattr(logger, "log_image") and path.suffix in (".glb", ".gltf", ".obj"):  # W&B
+        if _is_wandb(logger):
             import wandb
 
-            experiment.log({key: wandb.Object3D(str(path)), "trainer/global_step": step})
+            shown = path if path.suffix in WANDB_3D_SUFFIXES else _as_glb(path)
+            experiment.log({key: wandb.Object3D(str(shown)), "trainer/global_step": step})
         elif hasattr(experiment, "add_mesh"):  # TensorBoard
             import trimesh
 
