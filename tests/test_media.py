@@ -106,6 +106,15 @@ def wandb_records(run_file):
     return records
 
 
+def wandb_history(run_file) -> list[dict]:
+    """The logged rows (``wandb.log`` calls) of an offline run file: ``{key: JSON text}``."""
+    return [
+        {(item.key or "/".join(item.nested_key)): item.value_json for item in r.history.item}
+        for r in wandb_records(run_file)
+        if r.WhichOneof("record_type") == "history"
+    ]
+
+
 def test_wandb_offline_run_holds_config_losses_images_and_meshes(tmp_path, monkeypatch):
     """A stage-like run with run.logger=wandb and no key: an offline run under RUN/logs/wandb/ with the resolved
     config, the losses, the image and the 3D object; a resumed run logs into the same W&B run id."""
@@ -148,11 +157,7 @@ def test_wandb_offline_run_holds_config_losses_images_and_meshes(tmp_path, monke
         for item in r.config.update
     }
     assert config["trainer"]["max_steps"] == 3 and config["run"]["name"] == "wb" and config["run"]["logger"] == "wandb"
-    history = [
-        {(item.key or "/".join(item.nested_key)): item.value_json for item in r.history.item}
-        for r in records
-        if r.WhichOneof("record_type") == "history"
-    ]
+    history = wandb_history(offline / f"run-{run_id}.wandb")
     losses = [h for h in history if "train/loss" in h]
     assert [int(h["trainer/global_step"]) for h in losses] == [0, 1, 2]
     assert any("val/loss" in h for h in history)

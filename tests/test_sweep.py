@@ -1,11 +1,13 @@
 """The local sweep agent: sampling, macro expansion, and a real trial run."""
 
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from one2345pp.cli import main
+from one2345pp.config import ConfigError
 from one2345pp.training.sweep import SweepError, command_for, load_sweep, trials
 
 
@@ -65,3 +67,148 @@ def test_cli_runs_a_trial_with_the_sampled_overrides(tmp_path, capsys, monkeypat
     assert main(["sweep", str(_write(tmp_path, spec)), "--trials", "1"]) == 0
     assert out.read_text() == "optim.lr=0.001 run.name=t offline"
     assert "1 trials succeeded, 0 failed" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------- the shipped sweep files
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "experiments" / "sweeps").rglob("*.yaml"))
+STAGES = ("multiview", "coarse", "fine", "texture")
+
+
+def stage_of(spec: dict) -> tuple[str, Path]:
+    """The ``--stage`` and ``--config`` of a sweep's train command."""
+    cmd = [str(t) for t in spec["command"]]
+    assert cmd[cmd.index("one2345pp") + 1] == "train", cmd
+    return cmd[cmd.index("--stage") + 1], ROOT / cmd[cmd.index("--config") + 1]
+
+
+def load_stage_config(stage: str, config: Path, overrides: list[str]):
+    """The stage's own loader and checks, as ``one2345pp train`` applies them (unknown keys are errors)."""
+    from one2345pp.config import load_config, to_object
+
+    if stage == "multiview":
+        from one2345pp.stages.multiview import load_stage_config as load
+
+        return to_object(load(config, overrides))
+    if stage == "texture":
+        from one2345pp.stages.texture import TextureStageConfig, check_stage_config
+
+        conf = to_object(load_config(TextureStageConfig, config, overrides))
+        check_stage_config(conf)
+        return conf
+    if stage == "coarse":
+        from one2345pp.stages.coarse import CoarseConfig as schema
+    else:
+        from one2345pp.stages.fine import FineConfig as schema
+    return to_object(load_config(schema, config, overrides))
+
+
+def train_overrides(spec: dict, values: dict) -> list[str]:
+    """The ``key=value`` arguments the trial's command passes (fixed ones and the sampled ``values``)."""
+    argv = command_for(spec, values)
+    return [a for a in argv[argv.index("--config") + 2 :] if "=" in a]
+
+
+def logged_metrics(stage: str) -> set[str]:
+    """The names the stage's LightningModule passes to ``self.log`` (f-strings over the train/val split expanded)."""
+    import re
+
+    source = (ROOT / "src" / "one2345pp" / "stages" / f"{stage}.py").read_text()
+    names = set()
+    for name in re.findall(r'self\.log\(\s*f?"([^"]+)"', source):
+        names |= {name.replace("{split}", split) for split in ("train", "val")}
+    return names
+
+
+def test_every_stage_has_a_full_and_a_tiny_sweep():
+    found = {(p.parent.name == "tiny", stage_of(load_sweep(p))[0]) for p in SWEEPS}
+    assert found == {(tiny, s) for tiny in (False, True) for s in STAGES}
+    for path in SWEEPS:
+        stage, config = stage_of(load_sweep(path))
+        expected = ROOT / "experiments" / ("tiny" if path.parent.name == "tiny" else "") / f"{stage}.yaml"
+        assert config == expected, path
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: str(p.relative_to(ROOT / "experiments" / "sweeps")))
+def test_sweep_parameters_are_keys_of_the_stage_config_and_the_metric_is_logged(path):
+    spec = load_sweep(path)
+    stage, config = stage_of(spec)
+    assert spec.get("method") in ("grid", "random")  # runs with W&B's agent and the local one alike
+    assert spec["metric"]["goal"] in ("minimize", "maximize")
+    assert spec["metric"]["name"] in logged_metrics(stage), (spec["metric"], sorted(logged_metrics(stage)))
+    # every value a parameter can take (each listed value, the bounds of a range), applied as the trial applies it
+    cases = []
+    for key, param in spec["parameters"].items():
+        options = param.get(
+            "values", [param.get("value")] if "value" in param else [param.get("min"), param.get("max")]
+        )
+        cases += [{key: v} for v in options]
+    for values in cases:
+        conf = load_stage_config(stage, config, train_overrides(spec, values))
+        ((key, value),) = values.items()
+        node = conf
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value, (key, node, value)
+    # the check catches a typo: an unknown key is rejected by the same loader
+    with pytest.raises(ConfigError):
+        load_stage_config(stage, config, train_overrides(spec, {"optim.learning_rate": 1e-3}))
+    fixed = load_stage_config(stage, config, train_overrides(spec, {}))
+    assert fixed.run.logger == "wandb" and fixed.run.name is None
+
+
+def test_a_tiny_sweep_trial_runs_offline_end_to_end(tmp_path):
+    """`one2345pp sweep experiments/sweeps/tiny/texture.yaml --trials 1` as a subprocess, pointed at small shards:
+    the trial trains with the sampled values and leaves an offline W&B run that holds the sweep's metric."""
+    import json
+    import os
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    from one2345pp.data.config import DataConfig, ProceduralConfig, RenderConfig, ShardConfig, VolumeConfig
+    from one2345pp.data.shards import build_shards
+    from test_media import wandb_history
+
+    shards = tmp_path / "shards"
+    data = DataConfig(
+        view_resolution=48,
+        cond_resolution=48,
+        cond_samples=2,
+        render=RenderConfig(supersample=1),
+        volume=VolumeConfig(coarse_resolution=16),
+        procedural=ProceduralConfig(seed=3, texture_resolution=32, families=["sphere", "box", "cylinder"]),
+        shards=ShardConfig(max_samples=2),
+    )
+    build_shards("procedural", shards, data, num_objects=3, progress=False)
+    spec = load_sweep(ROOT / "experiments" / "sweeps" / "tiny" / "texture.yaml")
+    local = [f"data.train_shards={shards}", f"run.root={tmp_path / 'runs'}", "data.view_resolution=48"]
+    local += ["data.cond_resolution=48", "refine.iterations=40"]  # small shards, fewer steps than sampled
+    spec["command"] = [*spec["command"], *local]
+    path = tmp_path / "texture.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true", NETRC=str(tmp_path / "no-netrc"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "one2345pp.cli", "sweep", str(path), "--trials", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 trials succeeded, 0 failed" in proc.stdout
+    (run,) = (tmp_path / "runs" / "texture").iterdir()
+    saved = OmegaConf.load(run / "config.yaml")
+    (sampled,) = trials(load_sweep(path), 1, seed=0)  # what the agent drew (its default seed)
+    for key, value in sampled.items():
+        if key != "refine.iterations":
+            assert OmegaConf.select(saved, key) == pytest.approx(value), key
+    assert saved.run.logger == "wandb" and saved.run.name == run.name
+    (run_file,) = run.glob("logs/wandb/offline-run-*/run-*.wandb")
+    metric = spec["metric"]["name"]
+    (row,) = [row for row in wandb_history(run_file) if metric in row]
+    value = json.loads(row[metric])
+    assert 5.0 < value < 60.0, row  # a PSNR in dB
+    assert json.loads((run / "metrics.json").read_text())["val"]["psnr_mean"] == pytest.approx(value)
