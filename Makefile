@@ -26,8 +26,10 @@ DEMO_DIR    ?= outputs/demo
 GSO_DIR     ?=
 PIPELINE    ?=
 EVAL_OUT    ?= outputs/eval-gso
+SWEEP       ?=
+TRIALS      ?= 4
 
-.PHONY: help setup system-deps test demo data train-stage export eval-gso lint clean \
+.PHONY: help setup system-deps test demo data train-stage sweep export eval-gso lint clean \
         bench-data bench-multiview bench-sparse bench-recon bench-texture
 
 help: ## list the targets
@@ -76,6 +78,22 @@ data: $(STAMP) ## build procedural shards: N=64 DATA_DIR=data/procedural WORKERS
 train-stage: $(STAMP) ## train one stage: STAGE=... [CONFIG=path, default experiments/STAGE.yaml] [ARGS="k=v ..."]
 	@test -n "$(STAGE)" || { echo "usage: make train-stage STAGE=<stage> [CONFIG=path] [ARGS=\"key=value ...\"]" >&2; exit 2; }
 	$(CLI) train --stage $(STAGE) --config $(if $(CONFIG),$(CONFIG),experiments/$(STAGE).yaml) $(ARGS)
+
+sweep: $(STAMP) ## W&B sweep (offline: the commands): STAGE=... [SWEEP=file, default experiments/sweeps/STAGE.yaml] [TRIALS=4]
+	@test -n "$(STAGE)$(SWEEP)" || { echo "usage: make sweep STAGE=<stage> [SWEEP=file] [TRIALS=n]" >&2; exit 2; }
+	@f="$(if $(SWEEP),$(SWEEP),experiments/sweeps/$(STAGE).yaml)"; \
+	test -f "$$f" || { echo "error: sweep file not found: $$f" >&2; exit 2; }; \
+	if [ -n "$$WANDB_API_KEY" ]; then \
+		$(VENV)/bin/wandb sweep "$$f" || exit 1; \
+		echo "start agents with the 'wandb agent ENTITY/PROJECT/ID' printed above (one per GPU), or one trial per SLURM array task:"; \
+		echo "  sbatch --array=0-$$(( $(TRIALS) - 1 )) experiments/slurm/sweep.slurm ENTITY/PROJECT/ID"; \
+	else \
+		echo "WANDB_API_KEY is not set: run the trials with the local agent (each trial logs an offline W&B run under its run directory):"; \
+		echo "  $(CLI) sweep $$f --trials $(TRIALS)"; \
+		echo "on a SLURM cluster, one trial per array task (task i samples with seed i):"; \
+		echo "  sbatch --array=0-$$(( $(TRIALS) - 1 )) experiments/slurm/sweep.slurm $$f"; \
+		echo "set WANDB_API_KEY and rerun to create the sweep on the W&B server instead"; \
+	fi
 
 export: $(STAMP) ## export a trained stage: STAGE=... RUN=checkpoints/STAGE/NAME [OUT=dir, default RUN/export]
 	@test -n "$(STAGE)" -a -n "$(RUN)" || { echo "usage: make export STAGE=<stage> RUN=<run dir> [OUT=dir]" >&2; exit 2; }
