@@ -212,3 +212,21 @@ def test_a_tiny_sweep_trial_runs_offline_end_to_end(tmp_path):
     value = json.loads(row[metric])
     assert 5.0 < value < 60.0, row  # a PSNR in dB
     assert json.loads((run / "metrics.json").read_text())["val"]["psnr_mean"] == pytest.approx(value)
+
+
+def test_failed_trials_are_reported_and_the_sweep_goes_on(tmp_path, capsys):
+    script = tmp_path / "trial.py"
+    script.write_text("import sys\nsys.exit(3 if 'a=1' in sys.argv else 0)\n")
+    spec = {
+        "method": "grid",
+        "program": str(script),
+        "command": ["${interpreter}", "${program}", "${args_no_hyphens}"],
+        "parameters": {"a": {"values": [1, 2]}},
+    }
+    assert main(["sweep", str(_write(tmp_path, spec)), "--trials", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "trial 1/2] failed with exit code 3 (a=1)" in out and "trial 2/2] failed" not in out
+    assert "1 trials succeeded, 1 failed" in out
+    spec["command"] = [str(tmp_path / "no-such-program"), "${args_no_hyphens}"]
+    assert main(["sweep", str(_write(tmp_path, spec)), "--trials", "1"]) == 1
+    assert "cannot start" in capsys.readouterr().out

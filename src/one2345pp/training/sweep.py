@@ -126,9 +126,17 @@ def run_local(path: str | os.PathLike, count: int = 1, seed: int = 0, dry_run: b
     codes = []
     for i, values in enumerate(trials(spec, count, seed)):
         argv = command_for(spec, values)
-        print(f"[sweep {Path(path).name} trial {i + 1}/{count}] {shlex.join(argv)}", flush=True)
+        tag = f"[sweep {Path(path).name} trial {i + 1}/{count}]"
+        print(f"{tag} {shlex.join(argv)}", flush=True)
         if dry_run:
             codes.append(0)
             continue
-        codes.append(subprocess.call(argv, env=env))
+        try:
+            code = subprocess.call(argv, env=env)
+        except OSError as exc:  # the command itself cannot be started: record it and go on with the next trial
+            print(f"{tag} cannot start {argv[0]!r}: {exc}", flush=True)
+            code = 127
+        if code != 0:
+            print(f"{tag} failed with exit code {code} ({' '.join(f'{k}={_fmt(v)}' for k, v in values.items())})")
+        codes.append(code)
     return codes
