@@ -201,3 +201,17 @@ def test_a_ply_mesh_reaches_wandb_as_glb(tmp_path, monkeypatch):
     (logged,) = (run / "logs").rglob("media/object3D/val/mesh_*.glb")
     assert logged.read_bytes() == glb.read_bytes()
     logger.experiment.finish()
+
+
+def test_wandb_is_offline_unless_a_key_or_wandb_mode_says_otherwise(tmp_path):
+    from one2345pp.training.runner import wandb_offline
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789\n")
+    none = str(tmp_path / "missing")
+    assert wandb_offline({"NETRC": none})  # nothing set: offline
+    assert not wandb_offline({"NETRC": none, "WANDB_API_KEY": "k"})
+    assert not wandb_offline({"NETRC": str(netrc)})  # `wandb login` stored a key for the W&B host
+    assert wandb_offline({"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example.org"})  # not for this host
+    assert wandb_offline({"NETRC": none, "WANDB_API_KEY": "k", "WANDB_MODE": "offline"})
+    assert not wandb_offline({"NETRC": none, "WANDB_MODE": "online"})

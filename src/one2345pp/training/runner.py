@@ -161,19 +161,35 @@ def _handed_down(name: str):
 WANDB_ID_FILE = "wandb-run-id"  # in RUN/logs/: a resumed run keeps logging to the same W&B run
 
 
+def _wandb_hosts(env) -> set[str]:
+    """The W&B server hosts a stored key could be for: ``WANDB_BASE_URL``, else the installed wandb's default (it
+    changed between versions) and the classic api.wandb.ai."""
+    from urllib.parse import urlparse
+
+    if env.get("WANDB_BASE_URL", "").strip():
+        return {urlparse(env["WANDB_BASE_URL"]).hostname}
+    urls = ["https://api.wandb.ai"]
+    try:
+        from wandb.sdk.lib.urls import DEFAULT_BASE_URL
+
+        urls.append(DEFAULT_BASE_URL)
+    except ImportError:  # another wandb layout: the classic host only
+        pass
+    return {urlparse(u).hostname for u in urls}
+
+
 def _wandb_key_available(env=None) -> bool:
     """``WANDB_API_KEY``, or a key that ``wandb login`` stored in the netrc file for the W&B host."""
+    import netrc
+
     env = os.environ if env is None else env
     if env.get("WANDB_API_KEY", "").strip():
         return True
-    import netrc
-    from urllib.parse import urlparse
-
-    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc(env.get("NETRC") or None).authenticators(host) is not None
+        stored = netrc.netrc(env.get("NETRC") or None)
     except (OSError, netrc.NetrcParseError):
         return False
+    return any(stored.authenticators(host) is not None for host in _wandb_hosts(env))
 
 
 def wandb_offline(env=None) -> bool:
