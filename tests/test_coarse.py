@@ -388,6 +388,21 @@ def test_fit_resume_export_and_from_pretrained(shards, tmp_path):
     assert iou.shape == (2,) and ((iou >= 0) & (iou <= 1)).all()
 
 
+def test_train_builds_the_module_from_run_seed(shards, tmp_path):
+    """`one2345pp train` builds the module after seeding with run.seed: the same weights whatever the caller's RNG."""
+    from safetensors.torch import load_file
+
+    from one2345pp.stages.coarse import train
+
+    weights = []
+    for name, outside in (("a", 1), ("b", 2)):
+        torch.manual_seed(outside)
+        assert train(None, tiny_overrides(tmp_path, shards, **{"run.name": name, "trainer.max_steps": 1})) == 0
+        weights.append(load_file(tmp_path / "coarse" / name / "export" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_finer_shards_are_max_pooled_and_unreducible_grids_are_a_clear_error(shards, tmp_path):
     from one2345pp.config import load_config, to_object
 

@@ -270,6 +270,23 @@ def test_split_by_node_gives_disjoint_shards(shards, monkeypatch):
     assert sorted(k for r in (0, 1) for _, k in seen[r]) == sorted(samples)
 
 
+def test_validation_under_ddp_needs_a_shard_per_rank(shards, monkeypatch):
+    d, _ = shards
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        two = MultiViewDataModule(loader_cfg(d, 2, val_shards=pattern(d, 1)))
+        batches = list(two.val_dataloader())  # its own shard: 3 samples in batches of 2 (the partial one kept)
+        assert [len(b["__key__"]) for b in batches] == [2, 1]
+        assert {u[-10:] for b in batches for u in b["__url__"]} == {f"{rank:06d}.tar"}
+    one = MultiViewDataModule(loader_cfg(d, 2, val_shards=pattern(d, 0)))
+    monkeypatch.setenv("RANK", "0")
+    assert list(one.val_dataloader())  # rank 0 has the single shard
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError, match=r"rank 1 of 2 gets none of the 1 validation shard.*data.val_shards"):
+        one.val_dataloader()
+
+
 def test_resampled_epoch_has_exact_batches_and_seeding_is_deterministic(shards):
     d, _ = shards
     cfg = loader_cfg(d, 2, resampled=True, epoch_samples=10, batch_size=3, num_workers=2)

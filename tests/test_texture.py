@@ -344,6 +344,8 @@ def test_stage_trains_reports_psnr_and_exports(shards, tmp_path, capsys):
     assert 10.0 < metrics["train"]["psnr_mean"] < 60.0
     meshes = sorted(p.suffix for p in (run / "meshes").iterdir())
     assert meshes == [".glb", ".ply"]
+    logged = list((run / "media").glob("train_mesh_*/step*.glb"))  # the GLB went to the logger's media too
+    assert len(logged) == 1 and logged[0].read_bytes() == next((run / "meshes").glob("*.glb")).read_bytes()
 
     settings = stage.load_settings(run / "export")
     assert settings.field.resolution == 32 and settings.refine.iterations == 40 and settings.bake.texture_size == 64

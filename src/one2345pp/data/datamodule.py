@@ -354,6 +354,12 @@ class ShardDataModule(LightningDataModule, abc.ABC):
         workers = cfg.num_workers
         if not (cfg.resampled and train):
             mine = len(urls[rank::world]) if world > 1 else len(urls)
+            if mine == 0 and not train:  # the other ranks would wait for it in the first collective (gloo aborts)
+                raise ValueError(
+                    f"validation under DDP needs at least one shard per rank: rank {rank} of {world} gets none of "
+                    f"the {len(urls)} validation shard(s); set data.val_shards to {world} or more shards (or write "
+                    "more shards, the last of which is held out), or trainer.limit_val_batches=0"
+                )
             if mine == 0:
                 log.warning("rank %d of %d gets none of the %d %s shards", rank, world, len(urls), _name(train))
             workers = min(workers, max(mine, 1))

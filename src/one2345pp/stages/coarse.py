@@ -402,10 +402,10 @@ def train(config_path=None, overrides=()) -> int:
     cfg = load_config(CoarseConfig, config_path, overrides)
     conf: CoarseConfig = to_object(cfg)
     _model_config(conf.model)
-    module = CoarseStage(conf)
     datamodule = VolumeDataModule(conf.data)
-    trainer, directory = fit("coarse", cfg, module, datamodule)
+    # built by fit() after seeding with run.seed: the same initial weights on every rank and every rerun
+    trainer, directory = fit("coarse", cfg, lambda: CoarseStage(conf), datamodule)
     if trainer.is_global_zero:
-        out = module.export_pretrained(directory / "export")
+        out = trainer.lightning_module.export_pretrained(directory / "export")
         print(f"coarse stage: {trainer.global_step} steps; export in {out}")
     return 0

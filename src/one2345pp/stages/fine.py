@@ -522,10 +522,10 @@ def train(config_path=None, overrides=()) -> int:
     cfg = load_config(FineConfig, config_path, overrides)
     conf: FineConfig = to_object(cfg)
     _model_config(conf.model)
-    module = FineStage(conf)
     datamodule = VolumeDataModule(conf.data)
-    trainer, directory = fit(STAGE, cfg, module, datamodule)
+    # built by fit() after seeding with run.seed: the same initial weights on every rank and every rerun
+    trainer, directory = fit(STAGE, cfg, lambda: FineStage(conf), datamodule)
     if trainer.is_global_zero:
-        out = module.export_pretrained(directory / "export")
+        out = trainer.lightning_module.export_pretrained(directory / "export")
         print(f"fine stage: {trainer.global_step} steps; export in {out}")
     return 0

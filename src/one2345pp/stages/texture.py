@@ -74,6 +74,7 @@ from ..texture.bake import check_config as check_bake_config
 from ..texture.export import EXPORT_SUFFIXES, TexturedMesh, export_mesh
 from ..texture.refine import RefineConfig, RefineResult, View, psnr_from_mse, refine_texture, view_psnr
 from ..texture.refine import check_config as check_refine_config
+from ..training.media import log_mesh
 from ..training.runner import RunConfig, TrainerConfig, fit
 
 __all__ = [
@@ -409,10 +410,12 @@ class TextureStage(LightningModule):
     def _export(self, r: dict) -> None:
         folder = Path(self.trainer.default_root_dir) / "meshes"
         baked = bake(r["field"], r["mesh"], self.bake_cfg, self.rasterizer)
-        for fmt in self.export_formats:
-            path = export_mesh(baked, folder / f"{r['uid']}.{fmt}")
+        paths = {fmt: export_mesh(baked, folder / f"{r['uid']}.{fmt}") for fmt in self.export_formats}
+        for path in paths.values():
             self.exported.append(path)
             self.print(f"texture: exported {path}")
+        # one copy to the logger (W&B Object3D / run media): the GLB when exported, with its texture
+        log_mesh(self.trainer, f"train/mesh_{r['uid']}", paths.get("glb", next(iter(paths.values()))))
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self._run(batch, "train")
@@ -557,9 +560,9 @@ def train(config_path=None, overrides=()) -> int:
     cfg = load_config(TextureStageConfig, config_path, overrides)
     conf: TextureStageConfig = to_object(cfg)
     check_stage_config(conf)
-    module = TextureStage.from_config(conf)
     datamodule = TextureDataModule(conf.data)
-    trainer, directory = fit("texture", cfg, module, datamodule)
+    trainer, directory = fit("texture", cfg, lambda: TextureStage.from_config(conf), datamodule)
+    module: TextureStage = trainer.lightning_module
     if trainer.is_global_zero:
         metrics = module.metrics()
         tmp = directory / ".metrics.json.tmp"
