@@ -183,42 +183,22 @@ def shards(tmp_path_factory):
 
 
 def tiny_ddp_overrides(root: Path, shards: Path) -> list[str]:
-    values = {
-        "model.unet.resolution": 16,
-        "model.unet.base_channels": 8,
-        "model.unet.channel_mults": "[1,2,2]",
-        "model.unet.num_res_blocks": 1,
-        "model.unet.attention_resolutions": "[4]",
-        "model.unet.head_channels": 8,
-        "model.condition.image_features.kind": "cnn",
-        "model.condition.image_features.cnn_channels": "[8,8]",
-        "model.condition.mlp_hidden": 8,
-        "model.condition.feature_channels": 8,
-        "model.condition.level_channels": "[4,4,8]",
-        "model.global_embedding.kind": "cnn",
-        "model.global_embedding.cnn_channels": "[8,8]",
-        "model.global_embedding.cnn_dim": 8,
+    """The tiny coarse run of tests/test_coarse.py on two CPU processes (gloo), run.name unset."""
+    from test_coarse import tiny_overrides
+
+    extra = {
         "model.diffusion.sample_steps": 3,
-        "optim.warmup_steps": 0,
-        "train.val_sample_steps": 3,
-        "data.train_shards": str(shards),
         # every rank needs validation batches (the stage's sync_dist reductions wait for all ranks): with 4 shards
         # split by node each rank reads 2
         "data.val_shards": str(shards),
-        "data.batch_size": 2,
-        "data.num_workers": 0,
         "data.epoch_samples": 4,
-        "data.shuffle_buffer": 2,
         "trainer.max_steps": 2,
-        "trainer.accelerator": "cpu",
         "trainer.devices": 2,
         "trainer.strategy": "ddp",
-        "trainer.limit_val_batches": 1,
-        "trainer.log_every_n_steps": 1,
-        "trainer.enable_progress_bar": False,
-        "run.root": str(root),
     }
-    return [f"{k}={v}" for k, v in values.items()]
+    return [
+        o for o in tiny_overrides(root, shards, **extra) if not o.startswith(("run.name=", "model.unet.channels_last="))
+    ]
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "lightning"])
