@@ -376,7 +376,7 @@ class Probe(Callback):
         self.ema_updates = pl_module.ema.num_updates
 
 
-def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path):
+def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path, capsys):
     from one2345pp.data.shards import build_shards
 
     data = DataConfig(
@@ -401,6 +401,7 @@ def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path):
         "trainer.enable_progress_bar=false",
         "trainer.limit_val_batches=1",
         "ema.enabled=true",
+        "train.vae_fit.steps=2",  # a fitted VAE is stored in checkpoints and exports, and not fitted again on resume
     ]
     trainer, run = run_training(load_stage_config(TINY, [*args, "trainer.max_steps=3"]))
     assert trainer.global_step == 3 and run == tmp_path / "runs" / "multiview" / "r"
@@ -409,13 +410,17 @@ def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path):
     assert list((run / "media" / "val_samples").glob("step*.png"))  # validation sheet: input | generated | ground truth
     ckpt = torch.load(run / "ckpts" / "last.ckpt", map_location="cpu", weights_only=True)
     keys = set(ckpt["state_dict"])
-    assert not any(k.startswith(("vae.", "image_encoder.")) for k in keys)
+    assert not any(k.startswith("image_encoder.") for k in keys) and "vae.encoder.conv_in.weight" in keys
+    assert ckpt["vae_fit"]["scaling_factor"] > 0
+    assert list((run / "media" / "vae_fit_reconstruction").glob("step*.png"))
     assert "conditioner.ramp" in keys and any(k.startswith("unet.") for k in keys)
     assert "unet.conv_in.weight" in ckpt["ema"]["shadow"]  # the tiny preset trains the full UNet
 
+    assert "VAE fit step 2/2" in capsys.readouterr().err
     probe = Probe()
     trainer, _ = run_training(load_stage_config(TINY, [*args, "trainer.max_steps=5", "run.resume=last"]), [probe])
     assert probe.step == 3 and trainer.global_step == 5
+    assert "VAE fit" not in capsys.readouterr().err  # resumed with the fitted VAE
     saved = ckpt["optimizer_states"][0]["state"]
     assert saved and set(probe.optimizer) == set(saved)
     for k, s in saved.items():
@@ -439,6 +444,8 @@ def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run directory or checkpoint"):
         export(tmp_path / "missing")
     plain = MultiViewModule(to_object(load_stage_config(run / "config.yaml", ["ema.enabled=false"])))
+    with pytest.raises(KeyError, match="no fitted VAE"):
+        plain.load_checkpoint({k: v for k, v in ckpt.items() if k != "vae_fit"})
     state = dict(ckpt["state_dict"])
     state.pop("unet.conv_in.weight")
     with pytest.raises(KeyError, match=r"missing \['unet.conv_in.weight'\]"):  # a checkpoint of another model
@@ -448,3 +455,71 @@ def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path):
         MultiViewModule(to_object(load_stage_config(run / "config.yaml"))).load_checkpoint(
             {"state_dict": ckpt["state_dict"]}
         )
+
+
+def test_isometric_vae_init_makes_the_decoder_pass_latent_scale_through():
+    """The fit's init: ResNet / attention blocks start as identities and the output GroupNorm no longer divides the
+    contrast away, so doubling a latent doubles its effect on the image (the random VAE as built is far from it)."""
+    from diffusers import AutoencoderKL
+
+    from one2345pp.models.multiview_builders import PRESETS
+    from one2345pp.stages.multiview import FIT_INIT_LOGVAR, isometric_vae_init
+
+    vae = random_components("tiny").vae
+    z = torch.randn(1, 4, 6, 4, generator=torch.Generator().manual_seed(0))
+
+    def nonlinearity() -> float:
+        with torch.no_grad():
+            base = vae.decode(torch.zeros_like(z)).sample
+            once, twice = vae.decode(z).sample - base, vae.decode(2 * z).sample - base
+        return float((twice - 2 * once).norm() / twice.norm())
+
+    assert nonlinearity() > 0.5
+    state = torch.get_rng_state()
+    isometric_vae_init(vae, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)  # draws from its own generator
+    assert nonlinearity() < 0.03
+    with torch.no_grad():
+        post = vae.encode(images(1, 48, 32, seed=0) * 1.25 - 0.625).latent_dist
+    assert torch.allclose(post.logvar, torch.full_like(post.logvar, FIT_INIT_LOGVAR))  # a nearly exact posterior
+
+    narrow = AutoencoderKL(**{**PRESETS["tiny"]["vae"], "norm_num_groups": 8})  # 2 channels per group at 16
+    with pytest.raises(ValueError, match="16 channels in 8 norm groups"):
+        isometric_vae_init(narrow)
+
+
+def _reconstruction_psnr(m: MultiViewModule, target: torch.Tensor) -> float:
+    """Target grids -> posterior mean -> diffusion latents -> decoded images, as sampling decodes them."""
+    from one2345pp.models.multiview_pipeline import decode_latents, scale_latents
+
+    with torch.no_grad():
+        z = m.vae.encode(target * 2 * 0.625 - 0.625).latent_dist.mode()  # images scaled by 0.5 / 0.8 as encoded
+        rec = decode_latents(m.vae, scale_latents(z, m.vae.config.scaling_factor))
+    return float(10 * torch.log10(1 / (rec - target).square().mean()))
+
+
+def test_vae_fit_learns_to_reconstruct_and_travels_with_checkpoints(capsys):
+    m = module("train.vae_fit.steps=60", "train.vae_fit.log_every=20")
+    batches = [batch_of(2, seed) for seed in (0, 1, 2)]
+    held = batch_of(2, seed=7)["target"]
+    before = _reconstruction_psnr(m, held)
+    summary = m.fit_vae(batches, log_every=20)
+    after = _reconstruction_psnr(m, held)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "VAE fit step" in ln]
+    assert [ln.split()[4] for ln in lines] == ["20/60", "40/60", "60/60"]
+    assert summary["steps"] == 60 and m.vae_fitted
+    assert after > before + 6 and after > 18, (before, after)  # a random VAE's decoder gives no image back
+    assert not any(p.requires_grad for p in m.vae.parameters())  # frozen again
+    with torch.no_grad():  # the scaling factor brings the target latents to unit standard deviation
+        z = m.vae.encode(batches[-1]["target"] * 2 * 0.625 - 0.625).latent_dist.mode()
+    assert abs(float(z.std()) * m.vae.config.scaling_factor - 1) < 1e-3
+
+    ckpt = {"state_dict": dict(m.state_dict())}
+    m.on_save_checkpoint(ckpt)
+    fresh = module("train.vae_fit.steps=60")
+    fresh.load_checkpoint(ckpt)
+    assert fresh.vae_fitted and fresh.vae.config.scaling_factor == m.vae.config.scaling_factor
+    assert _reconstruction_psnr(fresh, held) == after
+
+    with pytest.raises(ConfigError, match="train.vae_fit.steps=5 with model.pretrained"):
+        load_stage_config(TINY, [*SMALL, "train.vae_fit.steps=5", "model.pretrained=/some/sd2"])

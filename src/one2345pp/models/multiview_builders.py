@@ -91,7 +91,8 @@ PRESETS: dict[str, dict[str, dict]] = {
             "up_block_types": ("UpDecoderBlock2D",) * 4,
             "layers_per_block": 1,
             "latent_channels": 4,
-            "norm_num_groups": 8,
+            # 4 channels per group at the 16-channel level: the VAE fit's init needs >= 4 (stages/multiview.py)
+            "norm_num_groups": 4,
             "sample_size": 64,
             "scaling_factor": 0.18215,
         },

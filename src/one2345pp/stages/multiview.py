@@ -13,7 +13,9 @@ with fresh noise -> record pass + read pass -> MSE against the v-target, optiona
 
 Checkpoints hold the UNet and the conditioner, the EMA averages of the trained tensors (``ema.enabled``) and the
 optimizer state; the frozen VAE and CLIP encoder are left out and rebuilt from ``model`` (pretrained source or seeded
-random init) on resume and export. Validation and export use the EMA weights when EMA is on. The end of training
+random init) on resume and export. A randomly initialised model (``model.pretrained: null``) first fits its VAE as an
+autoencoder on the training views (``train.vae_fit``, see :meth:`MultiViewModule.fit_vae`); that VAE is then stored in
+the checkpoints and the export. Validation and export use the EMA weights when EMA is on. The end of training
 writes ``RUN/export/`` (a :class:`MultiViewDiffusionPipeline` folder); :func:`export` does the same from any run
 directory or checkpoint.
 """
@@ -24,6 +26,8 @@ import logging
 import math
 import os
 import shutil
+import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +49,8 @@ from one2345pp.models.multiview_pipeline import (
     clip_pixels,
     encode_reference,
     encode_target,
+    scale_image,
+    unscale_image,
     vae_scale_factor,
 )
 from one2345pp.models.reference_attention import noisy_reference, reference_forward
@@ -58,6 +64,7 @@ __all__ = [
     "MultiViewConfig",
     "MultiViewModule",
     "TrainConfig",
+    "VAEFitConfig",
     "ValConfig",
     "export",
     "run_training",
@@ -74,6 +81,20 @@ TRAINABLE_PRESETS = ("attn", "full")
 
 # ------------------------------------------------------------------------------------------------------- configs
 @dataclass
+class VAEFitConfig:
+    """Fitting the VAE of a randomly initialised model (``model.pretrained: null``) as an autoencoder on the training
+    views before diffusion training starts; a random VAE's decoder cannot turn any latent into an image. Pretrained
+    VAEs (SD2, Zero123++, an earlier export) stay frozen, so ``steps`` must then be 0."""
+
+    steps: int = 0  # optimizer steps of the autoencoder fit (0: keep the VAE as built)
+    # Adam, cosine decay to 5% over the steps. From the fit's isometric initialisation (see fit_vae) small steps
+    # learn fastest: on the tiny VAE 1e-4 beat 2e-4, 5e-4 and 1e-3 on held-out views.
+    lr: float = 1e-4
+    kl_weight: float = 1e-5  # weight of the KL term of the posterior against N(0, I)
+    log_every: int = 50
+
+
+@dataclass
 class TrainConfig:
     trainable: str = "attn"  # "attn": self-attention + cross-attention K/V (+ ramp); "full": the whole UNet (+ ramp)
     cond_dropout: float = 0.1  # probability of a gray condition image (classifier-free guidance)
@@ -85,6 +106,7 @@ class TrainConfig:
     # little from a second thread, and on a busy 2-core machine OpenMP threads that wait for a core slowed a step
     # 5-10x; the tiny config sets 1.
     cpu_threads: int | None = None
+    vae_fit: VAEFitConfig = field(default_factory=VAEFitConfig)
 
 
 @dataclass
@@ -132,6 +154,16 @@ def check_config(cfg: MultiViewConfig) -> None:
         problems.append(f"train.cond_size_min/max={t.cond_size_min}/{t.cond_size_max} (need 0 < min <= max)")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         problems.append(f"train.cpu_threads={t.cpu_threads} (must be >= 1 or null)")
+    if t.vae_fit.steps < 0 or t.vae_fit.lr <= 0 or t.vae_fit.kl_weight < 0 or t.vae_fit.log_every < 1:
+        problems.append(
+            f"train.vae_fit steps={t.vae_fit.steps} lr={t.vae_fit.lr} kl_weight={t.vae_fit.kl_weight} "
+            f"log_every={t.vae_fit.log_every} (need steps >= 0, lr > 0, kl_weight >= 0, log_every >= 1)"
+        )
+    if t.vae_fit.steps > 0 and cfg.model.pretrained is not None:
+        problems.append(
+            f"train.vae_fit.steps={t.vae_fit.steps} with model.pretrained={cfg.model.pretrained!r}: the VAE of a "
+            "pretrained model stays frozen (set train.vae_fit.steps=0)"
+        )
     if t.min_snr_gamma is not None and t.min_snr_gamma <= 0:
         problems.append(f"train.min_snr_gamma={t.min_snr_gamma} (must be > 0 or null)")
     if not 0.0 <= cfg.ema.decay < 1.0:
@@ -174,6 +206,116 @@ def sample_sheet(cond: torch.Tensor, generated: torch.Tensor, target: torch.Tens
     return torch.cat(list(rows), dim=-2)
 
 
+# ----------------------------------------------------------------------------------------------- VAE fit initialisation
+# Log-variance the posterior starts from in the VAE fit: a posterior std of e^-5, well below the latent spread. The
+# default head gives log-variance ~0 (std ~1) against posterior means of std ~0.3, so the decoder would be trained
+# on latents that are mostly noise.
+FIT_INIT_LOGVAR = -10.0
+# The decoder's output GroupNorm at the fit's start: a constant +-BALANCE_OFFSET channel pair in every group fixes
+# the group statistics, and the signal channels enter the SiLU at BALANCE_BETA, where it is nearly linear.
+BALANCE_OFFSET, BALANCE_BETA = 10.0, 3.0
+
+
+def _orthogonal(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    return torch.nn.init.orthogonal_(torch.empty(rows, cols), generator=g)
+
+
+def _silu_slope(x: float) -> float:
+    s = 1.0 / (1.0 + math.exp(-x))
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _decoder_stream_writer(decoder) -> torch.nn.Conv2d:
+    """The last convolution that writes the decoder's residual stream before ``conv_norm_out`` (ResNet branches
+    and attention start as identities, so nothing after it changes the stream)."""
+    first = decoder.up_blocks[-1].resnets[0]
+    if first.conv_shortcut is not None:
+        return first.conv_shortcut
+    for block in reversed(decoder.up_blocks[:-1]):
+        if block.upsamplers:
+            return block.upsamplers[0].conv
+    return decoder.conv_in
+
+
+def _balance_output_norm(decoder, g: torch.Generator) -> None:
+    """Make the decoder's ``conv_out(SiLU(conv_norm_out(h)))`` a linear map of the stream at the fit's start.
+
+    GroupNorm normalises every group of channels per image: on views of small objects on a uniform background it
+    removes each group's mean and divides by a std set by the object's contrast, so the decoder cannot say how bright
+    or how saturated an object is (held-out colours came out wrong after 100 steps). Here each group of ``n >= 4``
+    channels holds ``(n - 2) // 2`` signals as pairs ``(s, -s)`` (zero group mean at every pixel) and one constant
+    pair ``(+K, -K)`` that sets the group std to ``K * sqrt(2 / n)`` up to second order in ``s``; the norm's scale
+    undoes that std, its shift moves the signals to where SiLU is nearly linear, and ``conv_out`` reads each pair's
+    difference. Training may leave this arrangement; it only sets where the fit starts.
+    """
+    writer, norm, reader = _decoder_stream_writer(decoder), decoder.conv_norm_out, decoder.conv_out
+    channels, groups = norm.num_channels, norm.num_groups
+    n = channels // groups
+    if n < 4:
+        raise ValueError(
+            f"VAE fit: the decoder's last level has {channels} channels in {groups} norm groups; its initialisation "
+            "needs >= 4 channels per group (lower the VAE's norm_num_groups)"
+        )
+    pairs = (n - 2) // 2
+    q = _orthogonal(groups * pairs, writer.in_channels, g)  # stream -> signals
+    r = _orthogonal(reader.out_channels, groups * pairs, g)  # signals -> image
+    sigma, slope = BALANCE_OFFSET * math.sqrt(2.0 / n), _silu_slope(BALANCE_BETA)
+    wh, ww = writer.kernel_size[0] // 2, writer.kernel_size[1] // 2
+    rh, rw = reader.kernel_size[0] // 2, reader.kernel_size[1] // 2
+    for m in (writer, norm, reader):
+        m.weight.zero_()
+        m.bias.zero_()
+    for group in range(groups):
+        for k in range(pairs):
+            i, c = group * pairs + k, group * n + 2 * k
+            writer.weight[c, :, wh, ww] = q[i]
+            writer.weight[c + 1, :, wh, ww] = -q[i]
+            norm.weight[c : c + 2] = sigma
+            norm.bias[c : c + 2] = BALANCE_BETA
+            reader.weight[:, c, rh, rw] = r[:, i] / (2.0 * slope)
+            reader.weight[:, c + 1, rh, rw] = -r[:, i] / (2.0 * slope)
+        writer.bias[group * n + n - 2] = BALANCE_OFFSET
+        writer.bias[group * n + n - 1] = -BALANCE_OFFSET
+
+
+def isometric_vae_init(vae, seed: int = 0) -> None:
+    """Re-initialise a random ``AutoencoderKL`` for a fast autoencoder fit (the start of
+    :meth:`MultiViewModule.fit_vae`); draws come from ``seed`` only, the global RNG is untouched.
+
+    From PyTorch's default init the fit sits for hundreds of steps on the data set's mean image: each layer scales
+    its signal by about 1/sqrt(3), so along the ~15 convolutions of the main path (conv_in, strided / upsampling
+    convolutions, shortcuts, conv_out, quant convs) the output hardly depends on the input, while the residual branches
+    (GroupNorm -> SiLU -> conv) add patterns that do not depend on it either -- the plateau of a deep linear chain
+    started small. Here every convolution is delta-orthogonal (an orthogonal channel map on the centre tap, zero bias),
+    the last convolution of every ResNet branch and every attention output projection start at zero (the blocks are
+    identities), the posterior log-variance starts at ``FIT_INIT_LOGVAR`` and the decoder's output GroupNorm is
+    balanced (:func:`_balance_output_norm`).
+    """
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                out_ch, in_ch, kh, kw = module.weight.shape
+                module.weight.zero_()
+                module.weight[:, :, kh // 2, kw // 2] = _orthogonal(out_ch, in_ch, g)
+                if module.bias is not None:
+                    module.bias.zero_()
+        for module in vae.modules():
+            if isinstance(module, ResnetBlock2D):
+                module.conv2.weight.zero_()
+            elif isinstance(module, Attention):
+                module.to_out[0].weight.zero_()
+                module.to_out[0].bias.zero_()
+        head = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+        c = head.out_channels // 2  # moments: mean channels, then log-variance channels
+        head.weight[c:] = 0.0
+        head.bias[c:] = FIT_INIT_LOGVAR
+        _balance_output_norm(vae.decoder, g)
+
+
 # -------------------------------------------------------------------------------------------------------- module
 class MultiViewModule(LightningModule):
     """The multi-view diffusion stage; ``components`` (e.g. shared between tests) default to ``build_components``."""
@@ -207,6 +349,11 @@ class MultiViewModule(LightningModule):
         self._ema_ctx = None
         # checkpoints leave out the frozen parts; on_load_checkpoint checks that everything else is there
         self.strict_loading = False
+        self.vae_fitted = False  # set by fit_vae or by loading a checkpoint that holds the fitted VAE
+
+    def _stored_prefixes(self) -> tuple[str, ...]:
+        """Prefixes of the parts checkpoints leave out (a fitted VAE is stored)."""
+        return tuple(p for p in FROZEN_PREFIXES if not (p == "vae." and self.cfg.train.vae_fit.steps > 0))
 
     # ------------------------------------------------------------------------------------------ parameters
     def _set_trainable(self, preset: str) -> None:
@@ -334,6 +481,8 @@ class MultiViewModule(LightningModule):
             ctx.__exit__(None, None, None)
 
     def on_train_start(self) -> None:
+        if self.cfg.train.vae_fit.steps > 0 and not self.vae_fitted:
+            self._fit_vae_all_ranks()
         if self.trainer.world_size > 1:  # same run seed on every rank: decorrelate timesteps and noise per rank
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
@@ -346,15 +495,20 @@ class MultiViewModule(LightningModule):
         if self._ema_ctx is not None:
             raise RuntimeError("checkpoint requested while the EMA weights are swapped in (inside validation)")
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+        for key in [k for k in state if k.startswith(self._stored_prefixes())]:
             del state[key]
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        if self.vae_fitted:
+            checkpoint["vae_fit"] = {"scaling_factor": float(self.vae.config.scaling_factor)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_checkpoint(checkpoint)
         if self.ema is not None:
             self.ema.load_state_dict(checkpoint["ema"])
+        if "vae_fit" in checkpoint:  # the VAE weights arrive with the state dict
+            self.vae.register_to_config(scaling_factor=float(checkpoint["vae_fit"]["scaling_factor"]))
+            self.vae_fitted = True
 
     def check_checkpoint(self, checkpoint: dict) -> None:
         """Every UNet / conditioner tensor (and the EMA state when EMA is on) must be in a checkpoint; unknown keys
@@ -362,7 +516,7 @@ class MultiViewModule(LightningModule):
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
             raise KeyError("checkpoint has no 'state_dict' (not a Lightning checkpoint of the multiview stage?)")
-        expected = {k for k in self.state_dict() if not k.startswith(FROZEN_PREFIXES)}
+        expected = {k for k in self.state_dict() if not k.startswith(self._stored_prefixes())}
         missing, unexpected = expected - set(state), set(state) - set(self.state_dict())
         if missing or unexpected:
             raise KeyError(
@@ -371,11 +525,112 @@ class MultiViewModule(LightningModule):
             )
         if self.ema is not None and "ema" not in checkpoint:
             raise KeyError("ema.enabled=true but the checkpoint has no 'ema' state (trained with ema.enabled=false?)")
+        if self.cfg.train.vae_fit.steps > 0 and "vae_fit" not in checkpoint:
+            raise KeyError("train.vae_fit.steps > 0 but the checkpoint holds no fitted VAE (saved before the fit?)")
 
     def load_checkpoint(self, checkpoint: dict) -> None:
         """Weights (and EMA state) of a checkpoint dict, as written by the trainer."""
         self.on_load_checkpoint(checkpoint)
         self.load_state_dict(checkpoint["state_dict"], strict=False)
+
+    # ---------------------------------------------------------------------------------------------- VAE fit
+    def _fit_vae_all_ranks(self) -> None:
+        """Rank 0 fits the VAE on its training batches; the weights and scaling factor go to every rank."""
+        trainer = self.trainer
+        if trainer.is_global_zero:
+            batches = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else None
+            if batches is None:
+                raise RuntimeError("train.vae_fit needs the trainer's datamodule for its training batches")
+            summary = self.fit_vae(batches, log_every=self.cfg.train.vae_fit.log_every)
+            sample = summary.pop("sample")
+            log_image(trainer, "vae_fit/reconstruction", torch.cat([sample[0], sample[1]], dim=-1), step=0)
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"vae_fit": summary})
+        if trainer.world_size > 1:
+            state = trainer.strategy.broadcast(
+                ({k: v.cpu() for k, v in self.vae.state_dict().items()}, float(self.vae.config.scaling_factor)), src=0
+            )
+            self.vae.load_state_dict(state[0])
+            self.vae.register_to_config(scaling_factor=state[1])
+        self.vae_fitted = True
+
+    def fit_vae(self, batches, log_every: int = 50, stream=None) -> dict:
+        """Fit the VAE as an autoencoder on ``batches`` (dicts with ``target`` and ``cond`` in [0, 1]) for
+        ``train.vae_fit.steps`` Adam steps: L1 reconstruction of the target grids (scaled as the diffusion encodes
+        them) and of the condition images, plus ``kl_weight`` x KL. A VAE not fitted yet is first re-initialised by
+        :func:`isometric_vae_init` (from the default init the fit needs hundreds of steps to leave the mean image).
+        Afterwards the VAE is frozen again and its ``scaling_factor`` set to 1 / std of the target latents, as Stable
+        Diffusion's 0.18215 was chosen. Returns the final L1 (mean of the last ``log_every`` steps), the PSNR of the
+        last batch's target grids reconstructed through the posterior mean, the scaling factor, the fit's wall time
+        in ``seconds`` and ``sample`` (the last batch's first target and its reconstruction, [3, H, W] in [0, 1])."""
+        f = self.cfg.train.vae_fit
+        vae, device = self.vae, self.device
+        if not self.vae_fitted:  # the random VAE as built learns slowly (see isometric_vae_init)
+            isometric_vae_init(vae, self.cfg.model.init_seed)
+        params = list(vae.parameters())
+        opt = torch.optim.Adam(params, lr=f.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(i, f.steps) / f.steps))
+        )
+        stream = stream or sys.stderr
+
+        def images(batch):
+            target = scale_image(batch["target"].to(device).float() * 2.0 - 1.0)
+            return [target, batch["cond"].to(device).float() * 2.0 - 1.0]
+
+        recent: list[float] = []
+        step, last, start = 0, None, time.monotonic()
+        vae.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                while step < f.steps:
+                    got = False
+                    for batch in batches:
+                        got = True
+                        l1 = kl = 0.0
+                        for x in images(batch):
+                            post = vae.encode(x).latent_dist
+                            rec = vae.decode(post.sample()).sample
+                            l1 = l1 + (rec - x).abs().mean()
+                            kl = kl + post.kl().mean() / x[0].numel()
+                        loss = l1 + f.kl_weight * kl
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+                        step += 1
+                        recent = (recent + [float(l1.detach()) / 2])[-log_every:]
+                        if step % log_every == 0 or step == f.steps:
+                            print(
+                                f"[{STAGE}] VAE fit step {step}/{f.steps}  L1 {sum(recent) / len(recent):.4f}  "
+                                f"{time.monotonic() - start:.0f}s",
+                                file=stream,
+                                flush=True,
+                            )
+                        last = batch
+                        if step >= f.steps:
+                            break
+                    if not got:
+                        raise RuntimeError("train.vae_fit: the training data yielded no batch")
+        finally:
+            vae.requires_grad_(False)
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            target = scale_image(last["target"].to(device).float() * 2.0 - 1.0)
+            z = vae.encode(target).latent_dist.mode()
+            vae.register_to_config(scaling_factor=float(1.0 / z.float().std().clamp_min(1e-6)))
+            rec = ((unscale_image(vae.decode(z).sample) + 1.0) / 2.0).clamp(0, 1)
+            truth = last["target"].to(device).float()
+            mse = float((rec - truth).square().mean())
+        self.vae_fitted = True
+        return {
+            "steps": step,
+            "l1": sum(recent) / max(1, len(recent)),
+            "psnr": 10.0 * math.log10(1.0 / max(mse, 1e-12)),
+            "scaling_factor": float(vae.config.scaling_factor),
+            "seconds": time.monotonic() - start,
+            "sample": (truth[0].cpu(), rec[0].cpu()),
+        }
 
     # ------------------------------------------------------------------------------------------ sampling, export
     def pipeline(self) -> MultiViewDiffusionPipeline:
