@@ -122,6 +122,10 @@ def test_runs_without_a_terminal_print_progress_lines(tmp_path, capsys):
 
     assert progress_callback("toy", 2, Tty()) is None  # a terminal keeps Lightning's bar
     assert isinstance(progress_callback("toy", 2, io.StringIO()), LineProgress)
+    bar = LineProgress("toy", 2, io.StringIO())  # LightningModule.print asks the bar whether it is enabled
+    assert bar.is_enabled
+    bar.disable()
+    assert not bar.is_enabled
     c = cfg(tmp_path)
     c.trainer.enable_progress_bar = True
     c.trainer.log_every_n_steps = 3

@@ -58,6 +58,10 @@ class LineProgress(ProgressBar):
     def enable(self) -> None:
         self._enabled = True
 
+    @property
+    def is_enabled(self) -> bool:  # read by LightningModule.print (which then calls the base class's print)
+        return self._enabled
+
     def _print(self, trainer, text: str) -> None:
         if self._enabled and trainer.is_global_zero:
             print(f"[{self.stage}] {text}", file=self.stream or sys.stderr, flush=True)
