@@ -67,10 +67,8 @@ setup: $(STAMP) $(GL_STAMP) ## virtualenv .venv with the package (editable), CPU
 test: $(STAMP) $(GL_STAMP) ## the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP) ## the main job on the embedded procedural dataset -> outputs/demo/
-	$(CLI) data build --source procedural --num-objects 16 --out $(DEMO_DIR)/data --workers $(WORKERS) $(ARGS)
-	$(CLI) data sheet $(DEMO_DIR)/data --out $(DEMO_DIR)/contact_sheet.png --num 4
-	@echo "demo outputs: $(DEMO_DIR)/ (contact sheet: $(DEMO_DIR)/contact_sheet.png)"
+demo: $(STAMP) ## end to end: procedural data, the 4 tiny stages, pipeline, infer, eval -> DEMO_DIR/index.html [ARGS=--force]
+	$(CLI) demo --config experiments/demo.yaml --out $(DEMO_DIR) $(ARGS)
 
 data: $(STAMP) ## build procedural shards: N=64 DATA_DIR=data/procedural WORKERS=nproc ARGS="key=value ..."
 	$(CLI) data build --source procedural --num-objects $(N) --out $(DATA_DIR) --workers $(WORKERS) $(ARGS)

@@ -113,6 +113,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     sw.add_argument("--seed", type=int, default=0, help="seed of the random search")
     sw.add_argument("--dry-run", action="store_true", help="print the trial commands without running them")
 
+    d = sub.add_parser(
+        "demo",
+        help="the whole project end to end on procedural objects (make demo)",
+        description="Build procedural shards, train the four tiny stages, export the pipeline, run it on held-out "
+        "images, evaluate it and write OUT/index.html (see one2345pp.demo). Finished steps are skipped on a rerun.",
+    )
+    d.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default: outputs/demo)")
+    d.add_argument("--force", action="store_true", help="remove the demo's earlier outputs in OUT and redo every step")
+    _add_config_args(d)
+
     e = sub.add_parser(
         "export",
         help="export a trained stage, or build a pipeline folder from runs",
@@ -291,6 +301,12 @@ def cmd_eval_mesh(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, args.config, args.overrides, force=args.force)
+
+
 def cmd_sweep(args) -> int:
     from .training.sweep import run_local
 
@@ -317,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             ("train", None): cmd_train,
             ("export", None): cmd_export,
             ("sweep", None): cmd_sweep,
+            ("demo", None): cmd_demo,
         }
         handler = handlers[(args.command, getattr(args, "data_cmd", None))]
     try:

@@ -1,0 +1,225 @@
+"""``one2345pp demo`` (one2345pp.demo): the whole chain on a minimal config (3 objects at 32 px / 8^3, a few steps per
+stage, one held-out image, one evaluated object) writes what it promises; a rerun skips every finished step; other
+settings in the same folder are refused, --force redoes; bad configs fail before any work."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from one2345pp.config import ConfigError
+from one2345pp.demo import DemoConfig, load_demo_config, run_demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+# 32 px views, 8^3 shell / 16^3 fine cells; the stage sizes of tests/test_{coarse,fine,texture,multiview}.py
+MINIMAL = f"""
+jobs: 2
+progress_interval: 0
+data:
+  config: null
+  num_objects: 3
+  workers: 1
+  sheet_objects: 2
+  overrides: [data.view_resolution=32, data.cond_resolution=32, data.cond_samples=2, data.render.supersample=1,
+              data.volume.coarse_resolution=8, data.procedural.texture_resolution=32,
+              "data.procedural.families=[sphere,box]", data.shards.max_samples=2]
+images:
+  num_images: 1
+train:
+  multiview:
+    config: {REPO}/experiments/tiny/multiview.yaml
+    max_steps: 2
+    overrides: [model.view_size=32, model.cond_size=32, train.cond_size_min=32, train.cond_size_max=32,
+                val.num_images=1, val.num_inference_steps=2, data.view_resolution=32, data.cond_resolution=32,
+                data.batch_size=2, data.epoch_samples=2, data.num_workers=0, data.shuffle_buffer=2,
+                trainer.limit_val_batches=1, optim.warmup_steps=0]
+  coarse:
+    config: {REPO}/experiments/tiny/coarse.yaml
+    max_steps: 30
+    overrides: [model.unet.resolution=8, model.unet.base_channels=8, "model.unet.channel_mults=[1,2,2]",
+                "model.unet.attention_resolutions=[]", model.unet.head_channels=8,
+                "model.condition.image_features.cnn_channels=[8,8]", model.condition.mlp_hidden=8,
+                model.condition.feature_channels=8, "model.condition.level_channels=[4,4,8]",
+                "model.global_embedding.cnn_channels=[8,8]", model.global_embedding.cnn_dim=8,
+                model.diffusion.sample_steps=4, optim.warmup_steps=0, optim.lr=3e-3, train.val_sample_steps=2,
+                train.ema_decay=0.5, data.view_resolution=32, data.cond_resolution=32, data.batch_size=2,
+                data.num_workers=0, data.epoch_samples=60, data.shuffle_buffer=2, trainer.limit_val_batches=1]
+  fine:
+    config: {REPO}/experiments/tiny/fine.yaml
+    max_steps: 15
+    overrides: [model.unet.resolution=16, model.unet.base_channels=8, "model.unet.channel_mults=[1,2]",
+                "model.condition.image_features.cnn_channels=[8,8]", model.condition.mlp_hidden=8,
+                model.condition.feature_channels=8, "model.condition.level_channels=[4,8]",
+                "model.global_embedding.cnn_channels=[8,8]", model.global_embedding.cnn_dim=8,
+                model.sdf_truncation=0.1, model.diffusion.sample_steps=3, optim.warmup_steps=0, optim.lr=3e-3,
+                train.val_sample_steps=2, train.ema_decay=0.5, train.crop=4, data.view_resolution=32,
+                data.cond_resolution=32, data.batch_size=2, data.num_workers=0, data.epoch_samples=30,
+                data.shuffle_buffer=2, trainer.limit_val_batches=1]
+  texture:
+    config: {REPO}/experiments/tiny/texture.yaml
+    overrides: [data.view_resolution=32, data.cond_resolution=32, data.max_objects=1, data.max_val_objects=1,
+                field.resolution=16, field.components=2, field.feature_dim=8, field.hidden=16, refine.iterations=10,
+                refine.batch_pixels=0, bake.texture_size=64, "export_formats=[glb]"]
+export_overrides: [num_inference_steps=2, coarse_steps=4, fine_steps=3]
+infer:
+  overrides: [texture.refine.iterations=5, texture.bake.texture_size=64, turntable.views=2, turntable.size=32,
+              turntable.supersample=1]
+recon_points: 2000
+eval:
+  config: null
+  num_objects: 1
+  overrides: [points=2000, alignment.up_axes=1, alignment.azimuth_step_deg=90, alignment.search_points=1000,
+              alignment.refine_points=2000, views.azimuth_step_deg=90, views.resolution=32, render.supersample=1,
+              pipeline.refine_iterations=5, progress=false]
+"""
+
+
+class _Refs(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        for key, value in attrs:
+            if key in ("src", "href") and value:
+                self.refs.append(value)
+
+
+def _refs(page: Path) -> list[str]:
+    from urllib.parse import unquote
+
+    parser = _Refs()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return [unquote(r) for r in parser.refs]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One minimal demo run: (config path, output folder, its console output)."""
+    import io
+
+    root = tmp_path_factory.mktemp("demo")
+    config = root / "demo.yaml"
+    config.write_text(MINIMAL)
+    out = root / "out"
+    stream = io.StringIO()
+    code = run_demo(out, config, stream=stream)
+    text = stream.getvalue()
+    assert code == 0, text
+    return config, out, text
+
+
+def test_demo_writes_the_pipeline_meshes_metrics_and_an_index_of_existing_files(demo):
+    import trimesh
+
+    _, out, text = demo
+    state = json.loads((out / "demo.json").read_text())
+    names = [
+        "data",
+        "heldout",
+        "data-sheet",
+        "heldout-images",
+        *(f"train-{s}" for s in ("multiview", "coarse", "fine", "texture")),
+        "export",
+        "infer",
+        "eval",
+        "recon",
+    ]
+    assert list(state["steps"]) == names
+    assert all(state["steps"][n]["status"] == "done" and state["steps"][n]["seconds"] >= 0 for n in names)
+    # what each step made
+    manifest = [json.loads(ln) for ln in (out / "data" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in manifest] == ["done"] * 3
+    assert (out / "pipeline" / "model_index.json").is_file()
+    for stage in ("multiview", "coarse", "fine", "texture"):
+        assert (out / "checkpoints" / stage / "demo" / "config.yaml").is_file(), stage
+    (image,) = json.loads((out / "heldout" / "images.json").read_text())
+    assert image["name"].startswith("proc-2000-")  # another procedural seed than the training data (0)
+    folder = out / "infer" / image["name"]
+    result = json.loads((folder / "result.json").read_text())
+    assert result["status"] == "ok"
+    scene = trimesh.load(folder / "mesh.glb")
+    faces = sum(len(g.faces) for g in scene.geometry.values())
+    assert faces == result["mesh"]["faces"] > 0
+    rows = (out / "eval" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[0].startswith("uid,status,fscore,chamfer")
+    row = json.loads((out / "eval" / "metrics.json").read_text())["objects"][0]
+    assert row["status"] == "ok" and 0.0 <= row["fscore"] <= 1.0 and row["uid"].startswith("proc-1000-")
+    (recon,) = json.loads((out / "recon" / "metrics.json").read_text())["objects"]  # the 3D stages on true views
+    assert recon["uid"] == image["name"] and 0.0 <= recon["fscore"] <= 1.0 and 0.0 <= recon["sphere_fscore"] <= 1.0
+    # the index references only files that exist, and shows the image, its views, turntable, GLB and the metrics
+    page = out / "index.html"
+    refs = _refs(page)
+    assert refs and all((out / r).exists() for r in refs), [r for r in refs if not (out / r).exists()]
+    for rel in (
+        image["input"],
+        image["gt_views"],
+        f"infer/{image['name']}/views.png",
+        f"infer/{image['name']}/turntable.png",
+        f"infer/{image['name']}/mesh.glb",
+        "eval/report.html",
+        "eval/metrics.csv",
+        "data/contact_sheet.png",
+    ):
+        assert rel in refs, rel
+    html = page.read_text()
+    assert "missing:" not in html
+    assert f"{row['fscore']:.3f}" in html  # the measured F-Score, as eval wrote it
+    # progress and the path of the report were printed
+    assert re.search(r"\[coarse\] step \d+/30", text)
+    assert str((out / "index.html").resolve()) in text
+
+
+def test_rerun_skips_finished_steps(demo):
+    import io
+
+    config, out, _ = demo
+    stamp = {
+        p: p.stat().st_mtime_ns
+        for p in [out / "pipeline" / "model_index.json", out / "eval" / "metrics.csv", out / "data" / "manifest.jsonl"]
+    }
+    before = json.loads((out / "demo.json").read_text())["steps"]
+    stream = io.StringIO()
+    assert run_demo(out, config, stream=stream) == 0
+    text = stream.getvalue()
+    for name in before:
+        assert f"[{name}] skipped: finished before" in text, name
+    assert "started" not in text
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    after = json.loads((out / "demo.json").read_text())
+    assert after["steps"] == before and len(after["runs"]) == 2
+
+
+def test_other_settings_in_the_same_folder_are_refused(demo):
+    config, out, _ = demo
+    with pytest.raises(ConfigError, match=r"eval\.num_objects differ.*--force"):
+        run_demo(out, config, ["eval.num_objects=2"])
+    run_demo(out, config, ["jobs=1"])  # how the demo runs may change
+
+
+def test_bad_configs_fail_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="train.order"):
+        load_demo_config(None, ["train.order=[coarse,fine]"])
+    with pytest.raises(ConfigError, match=r"train\.coarse\.config=nope\.yaml: file not found"):
+        load_demo_config(None, ["train.coarse.config=nope.yaml"])
+    with pytest.raises(ConfigError, match="data.num_objects=1"):
+        run_demo(tmp_path / "out", None, ["data.num_objects=1"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_config_is_the_default_recipe():
+    """experiments/demo.yaml writes out the defaults (with the measurements behind them as comments)."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(REPO)  # its paths are relative to the repository root
+    try:
+        cfg, conf = load_demo_config(REPO / "experiments" / "demo.yaml")
+    finally:
+        os.chdir(cwd)
+    assert conf == DemoConfig()
