@@ -30,7 +30,7 @@ SWEEP       ?=
 TRIALS      ?= 4
 
 .PHONY: help setup system-deps test demo data train-stage sweep export eval-gso lint clean \
-        bench-data bench-multiview bench-sparse bench-recon bench-texture
+        bench-data bench-multiview bench-sparse bench-recon bench-texture bench-pipeline
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -119,6 +119,9 @@ bench-recon: $(STAMP) ## train tiny coarse+fine, reconstruct 16 held-out objects
 
 bench-texture: $(STAMP) $(GL_STAMP) ## texture refinement seconds, bake, held-out PSNR (CPU / nvdiffrast)
 	$(PY) benchmarks/bench_texture.py $(ARGS)
+
+bench-pipeline: $(STAMP) ## seconds per stage for one image: the demo's tiny pipeline (CPU), full preset (CUDA)
+	$(PY) benchmarks/bench_pipeline.py $(ARGS)
 
 clean: ## remove build outputs (keeps .venv and data)
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache
