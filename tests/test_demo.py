@@ -65,7 +65,8 @@ train:
     overrides: [data.view_resolution=32, data.cond_resolution=32, data.max_objects=1, data.max_val_objects=1,
                 field.resolution=16, field.components=2, field.feature_dim=8, field.hidden=16, refine.iterations=10,
                 refine.batch_pixels=0, bake.texture_size=64, "export_formats=[glb]"]
-export_overrides: [num_inference_steps=2, coarse_steps=4, fine_steps=3]
+coarse_steps: 4
+export_overrides: [num_inference_steps=2, fine_steps=3]
 infer:
   overrides: [texture.refine.iterations=5, texture.bake.texture_size=64, turntable.views=2, turntable.size=32,
               turntable.supersample=1]
@@ -223,3 +224,46 @@ def test_the_shipped_config_is_the_default_recipe():
     finally:
         os.chdir(cwd)
     assert conf == DemoConfig()
+
+
+def test_steps_run_when_their_needs_are_met_and_a_failure_stops_only_what_needs_it(tmp_path):
+    """The scheduler on plain Python subprocesses: at most `jobs` at a time, dependencies, failures recorded with
+    the tail of their log, the steps that need a failed one recorded as not run, the others going on."""
+    import io
+    import sys
+
+    from one2345pp.demo.steps import Console, DemoState, Task, run_tasks
+
+    def py(code: str) -> list[str]:
+        return [sys.executable, "-c", code]
+
+    out = tmp_path / "out"
+    out.mkdir()
+    tasks = [
+        Task("b", py("import sys; print('[coarse] step 1/1'); print('boom', file=sys.stderr); sys.exit(3)"), []),
+        Task("a", py(f"open({str(out / 'a.txt')!r}, 'w').write('a')"), ["a.txt"], lambda: "made a"),
+        Task("c", py("print('never')"), [], needs=("b",)),
+        Task(
+            "d",
+            py(f"open({str(out / 'd.txt')!r}, 'w').write(open({str(out / 'a.txt')!r}).read() + 'd')"),
+            ["d.txt"],
+            needs=("a",),
+        ),
+        Task("e", py("pass"), ["e.txt"]),  # exits 0 but does not make its output
+    ]
+    state, stream, failed = DemoState(out), io.StringIO(), set()
+    run_tasks(tasks, 2, state, Console(stream), 0.0, failed)
+    steps = state.data["steps"]
+    assert failed == {"b", "c", "e"}
+    assert steps["a"]["status"] == "done" and steps["a"]["summary"] == "made a" and steps["a"]["cpu_seconds"] >= 0
+    assert (out / "d.txt").read_text() == "ad" and steps["d"]["status"] == "done"  # ran after a, with its output
+    assert steps["b"]["status"] == "failed" and steps["b"]["summary"] == "exit code 3" and "boom" in steps["b"]["tail"]
+    assert steps["c"] == {**steps["c"], "status": "not run", "summary": "not run: needs b, which failed"}
+    assert steps["e"]["status"] == "failed" and steps["e"]["summary"] == "missing outputs: e.txt"
+    text = stream.getvalue()
+    assert "[coarse] step 1/1" in text  # a stage's progress line is echoed
+    assert "never" not in text and "boom" in (out / "logs" / "b.log").read_text()
+    assert json.loads((out / "demo.json").read_text())["steps"] == steps
+    assert state.finished("a") and not state.finished("b")
+    (out / "a.txt").unlink()
+    assert not state.finished("a")  # a recorded step whose output is gone is redone

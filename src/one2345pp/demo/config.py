@@ -42,8 +42,8 @@ def _stage(name: str, max_steps: int | None, *overrides: str) -> DemoStageConfig
 class DemoTrainConfig:
     order: list[str] = field(default_factory=lambda: ["coarse", "multiview", "fine", "texture"])  # start order
     multiview: DemoStageConfig = field(default_factory=lambda: _stage("multiview", 400))
-    coarse: DemoStageConfig = field(default_factory=lambda: _stage("coarse", 200))
-    fine: DemoStageConfig = field(default_factory=lambda: _stage("fine", 200))
+    coarse: DemoStageConfig = field(default_factory=lambda: _stage("coarse", 180))
+    fine: DemoStageConfig = field(default_factory=lambda: _stage("fine", 180))
     texture: DemoStageConfig = field(
         default_factory=lambda: _stage(
             "texture",
@@ -83,7 +83,10 @@ class DemoConfig:
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
     images: DemoImagesConfig = field(default_factory=DemoImagesConfig)
     train: DemoTrainConfig = field(default_factory=DemoTrainConfig)
-    export_overrides: list[str] = field(default_factory=list)  # pipeline settings (num_inference_steps=...)
+    # coarse sampling steps of the pipeline (infer, eval) and of the recon step; null: the model's own (50). 25 gave
+    # the same held-out F-Score from ground-truth views as 50 (0.874 / 0.876, 4 objects) in 70% of the time
+    coarse_steps: int | None = 25
+    export_overrides: list[str] = field(default_factory=list)  # more pipeline settings (num_inference_steps=...)
     infer: DemoInferConfig = field(default_factory=DemoInferConfig)
     eval: DemoEvalConfig = field(default_factory=DemoEvalConfig)
     recon_points: int = 20_000  # surface samples per mesh of the `recon` step (the 3D stages on ground-truth views)
@@ -113,6 +116,8 @@ def check_config(cfg: DemoConfig) -> None:
         problems.append(f"data.sheet_objects={cfg.data.sheet_objects} (must be >= 1)")
     if cfg.images.num_images < 1:
         problems.append(f"images.num_images={cfg.images.num_images} (must be >= 1)")
+    if cfg.coarse_steps is not None and cfg.coarse_steps < 1:
+        problems.append(f"coarse_steps={cfg.coarse_steps} (must be >= 1 or null)")
     if cfg.recon_points < 100:
         problems.append(f"recon_points={cfg.recon_points} (need >= 100 surface samples)")
     if cfg.eval.num_objects < 1:

@@ -59,17 +59,6 @@ def mean_shell_radius(coarse_run: Path, train: Path) -> float:
     return sum(radii) / len(radii)
 
 
-def _gt_mesh(meta: dict):
-    import numpy as np
-
-    from ..geometry.mesh import Mesh
-    from ..geometry.mesh_io import load_mesh
-
-    mesh = load_mesh(meta["source"])
-    scale, offset = float(meta["normalize_scale"]), np.asarray(meta["normalize_offset"], dtype=np.float64)
-    return Mesh(mesh.vertices * scale + offset, mesh.faces, source=meta["source"])
-
-
 def _turntable_camera(shards: Path) -> tuple[float, float]:
     """(camera distance, FoV) of the shards' data config."""
     from omegaconf import OmegaConf
@@ -92,9 +81,12 @@ def reconstruct(
     points: int = 20_000,
     seed: int = 0,
     turntable_size: int = 128,
+    coarse_steps: int | None = None,
+    fine_steps: int | None = None,
 ) -> dict:
-    """Reconstruct every held-out object (see the module doc); returns ``{"objects": rows, "mean": {...},
-    "sphere_radius": r}``, also written to ``out/metrics.json``."""
+    """Reconstruct every held-out object (see the module doc) with ``coarse_steps`` / ``fine_steps`` sampling steps
+    (None: the models' own); returns ``{"objects": rows, "mean": {...}, "sphere_radius": r, ...}``, also written to
+    ``out/metrics.json``."""
     import torch
 
     from ..data.procedural import sphere_surface
@@ -104,6 +96,7 @@ def reconstruct(
     from ..pipeline.turntable import TurntableConfig, render_turntable
     from ..stages.coarse import shell_iou
     from ..stages.recon import Reconstructor
+    from ..stages.texture import load_object_mesh
     from ..texture.export import save_glb
 
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +105,7 @@ def reconstruct(
     rec = Reconstructor.from_exports(coarse_run / "export", fine_run / "export")
     distance, fov = _turntable_camera(heldout)
     turn = TurntableConfig(views=8, size=turntable_size)
+    shard_url = str(min(heldout.glob("shard-*.tar"), default=heldout / "shard-000000.tar"))
     rows = []
     for index, batch in enumerate(_loader(coarse_run, heldout)):
         meta = batch["meta"][0]
@@ -123,9 +117,10 @@ def reconstruct(
         folder.mkdir(exist_ok=True)
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(seed + index)
-        result = rec(batch["views"], (batch["views_c2w"], batch["views_K"]), batch["cond"], generator=gen)
+        cams = (batch["views_c2w"], batch["views_K"])
+        result = rec(batch["views"], cams, batch["cond"], gen, coarse_steps=coarse_steps, fine_steps=fine_steps)
         iou = float(shell_iou(result.occupancy, reduce_occupancy(batch["occ"], rec.coarse.resolution))[0])
-        gt_mesh = _gt_mesh(meta)
+        gt_mesh = load_object_mesh(meta, shard_url)  # normalised as in the shard
         gt = sample_surface(gt_mesh.vertices, gt_mesh.faces, points, seed=2 * index + 1)
         base = fscore_chamfer(sample_surface(sphere.vertices, sphere.faces, points, seed=2 * index + 2), gt, TAU)
         row = {"uid": meta["uid"], "iou": iou, "sphere_fscore": base["fscore"], "sphere_chamfer": base["chamfer"]}
@@ -157,7 +152,11 @@ def reconstruct(
     for key in METRICS:
         values = [r[key] for r in rows if r.get(key) is not None and math.isfinite(r[key])]
         mean[key] = sum(values) / len(values) if values else None
-    summary = {"objects": rows, "mean": mean, "sphere_radius": radius, "points": points, "tau": TAU}
+    steps = {
+        "coarse": coarse_steps or rec.coarse.cfg.diffusion.sample_steps,
+        "fine": fine_steps or rec.fine.cfg.diffusion.sample_steps,
+    }
+    summary = {"objects": rows, "mean": mean, "sphere_radius": radius, "points": points, "tau": TAU, "steps": steps}
     _write_json(out / "metrics.json", summary)
     return summary
 
@@ -171,12 +170,24 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--points", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coarse-steps", type=int, default=None, help="coarse sampling steps (default: the model's)")
+    p.add_argument("--fine-steps", type=int, default=None, help="fine sampling steps (default: the model's)")
     args = p.parse_args(argv)
     for path in (args.coarse / "export", args.fine / "export", args.heldout, args.train):
         if not path.exists():
             print(f"recon: error: {path} does not exist", file=sys.stderr)
             return 2
-    s = reconstruct(args.coarse, args.fine, args.heldout, args.train, args.out, args.points, args.seed)
+    s = reconstruct(
+        args.coarse,
+        args.fine,
+        args.heldout,
+        args.train,
+        args.out,
+        args.points,
+        args.seed,
+        coarse_steps=args.coarse_steps,
+        fine_steps=args.fine_steps,
+    )
     from .steps import recon_summary
 
     print(f"recon: {recon_summary(args.out)}; sphere radius {s['sphere_radius']:.3f}")
