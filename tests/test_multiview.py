@@ -523,3 +523,42 @@ def test_vae_fit_learns_to_reconstruct_and_travels_with_checkpoints(capsys):
 
     with pytest.raises(ConfigError, match="train.vae_fit.steps=5 with model.pretrained"):
         load_stage_config(TINY, [*SMALL, "train.vae_fit.steps=5", "model.pretrained=/some/sd2"])
+
+
+def test_reference_latent_keeps_zero123pp_signal_ratio_for_any_vae_scaling():
+    """With SD's scaling factor the reference is the raw posterior mean (as Zero123++ reads it); with another factor
+    it is rescaled so that it stays 1 / 0.18215 times a diffusion latent's scale."""
+    from one2345pp.models.multiview_pipeline import encode_reference
+
+    m = module()
+    x = images(2, 32, 32, seed=3)
+    with torch.no_grad():
+        raw = m.vae.encode(x * 2.0 - 1.0).latent_dist.mode()
+        assert m.vae.config.scaling_factor == pytest.approx(0.18215)
+        assert torch.equal(encode_reference(m.vae, x), raw)
+        m.vae.register_to_config(scaling_factor=2.0)  # e.g. after the tiny preset's VAE fit
+        assert torch.allclose(encode_reference(m.vae, x), raw * (2.0 / 0.18215))
+
+
+def test_trainable_image_encoder_gets_gradients_ema_and_travels_with_checkpoints():
+    frozen = module("train.image_encoder_trainable=false", "ema.enabled=true")
+    m = module("train.image_encoder_trainable=true", "ema.enabled=true", "train.vae_fit.steps=0")
+    assert not any(k.startswith("image_encoder.") for k in frozen.ema.shadow)
+    assert any(k.startswith("image_encoder.") for k in m.ema.shadow)
+    m.compute_loss(batch_of(2)).backward()
+    grads = [p.grad for p in m.image_encoder.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    opt = m.configure_optimizers()["optimizer"]
+    in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert all(id(p) in in_opt for p in m.image_encoder.parameters())
+
+    with torch.no_grad():  # a trained encoder differs from the one the model config rebuilds
+        for p in m.image_encoder.parameters():
+            p.add_(0.01)
+    ckpt = {"state_dict": dict(m.state_dict())}
+    m.on_save_checkpoint(ckpt)
+    assert any(k.startswith("image_encoder.") for k in ckpt["state_dict"])
+    fresh = module("train.image_encoder_trainable=true", "ema.enabled=true", "train.vae_fit.steps=0")
+    fresh.load_checkpoint(ckpt)
+    for (n, a), b in zip(m.image_encoder.state_dict().items(), fresh.image_encoder.state_dict().values()):
+        assert torch.equal(a, b), n

@@ -68,6 +68,7 @@ TRAIN_SCHEDULE = {
 }
 LATENT_SHIFT, LATENT_SCALE = 0.22, 0.75
 IMAGE_SCALE = 0.5 / 0.8
+SD_SCALING_FACTOR = 0.18215  # Stable Diffusion's VAE scaling factor, the one Zero123++'s reference latent is read with
 SAMPLERS = ("euler_a", "ddim")
 
 
@@ -103,8 +104,17 @@ def encode_target(vae, images: torch.Tensor, generator: torch.Generator | None =
 
 
 def encode_reference(vae, images: torch.Tensor) -> torch.Tensor:
-    """Condition images in [0, 1] -> the reference latent: the posterior mean, NOT multiplied by the scaling factor."""
-    return vae.encode(images.to(vae.dtype) * 2.0 - 1.0).latent_dist.mode()
+    """Condition images in [0, 1] -> the reference latent: the posterior mean, not multiplied by SD's scaling factor.
+
+    Zero123++ leaves SD's latent unscaled, which makes the reference 1 / 0.18215 = 5.5x larger than a diffusion latent
+    (the paper's "scaled by 5"): noised to the same t, it keeps a 5.5x higher signal-to-noise ratio than the target.
+    That ratio is what matters, so for a VAE with another scaling factor (the tiny preset's fitted VAE: about 2, where
+    the raw latent is *smaller* than a diffusion latent) the latent is multiplied by ``scaling_factor / 0.18215``; for
+    SD's VAE the factor is exactly 1, so Zero123++ weights read the latent they were trained on.
+    """
+    z = vae.encode(images.to(vae.dtype) * 2.0 - 1.0).latent_dist.mode()
+    ratio = float(vae.config.scaling_factor) / SD_SCALING_FACTOR
+    return z if abs(ratio - 1.0) < 1e-6 else z * ratio
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

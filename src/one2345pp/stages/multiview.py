@@ -75,7 +75,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STAGE = "multiview"
-FROZEN_PREFIXES = ("vae.", "image_encoder.")  # rebuilt from the model config, not stored in checkpoints
+FROZEN_PREFIXES = ("vae.", "image_encoder.")  # rebuilt from the model config, not stored (unless fitted / trained)
 TRAINABLE_PRESETS = ("attn", "full")
 
 
@@ -107,6 +107,10 @@ class TrainConfig:
     # 5-10x; the tiny config sets 1.
     cpu_threads: int | None = None
     vae_fit: VAEFitConfig = field(default_factory=VAEFitConfig)
+    # train the CLIP image encoder with the UNet (stored in checkpoints and exports, EMA'd with them). The method
+    # keeps the pretrained CLIP frozen; a frozen *random* one (the tiny preset) maps every image to nearly the same
+    # embedding (cosine 0.96-0.996 between different objects), so the global condition carries nothing.
+    image_encoder_trainable: bool = False
 
 
 @dataclass
@@ -340,11 +344,11 @@ class MultiViewModule(LightningModule):
             )
         self.cond_size_range = (lo * self.size_multiple, hi * self.size_multiple)
         self.vae.requires_grad_(False)
-        self.image_encoder.requires_grad_(False)
+        self.image_encoder.requires_grad_(cfg.train.image_encoder_trainable)
         self._set_trainable(cfg.train.trainable)
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        # EMA of every trained tensor (UNet parameters of the preset and the ramp), names as in this module
+        # EMA of every trained tensor (UNet parameters of the preset, the ramp, a trained image encoder)
         self.ema = EMAWeights(self, cfg.ema.decay) if cfg.ema.enabled else None
         self._ema_ctx = None
         # checkpoints leave out the frozen parts; on_load_checkpoint checks that everything else is there
@@ -353,7 +357,8 @@ class MultiViewModule(LightningModule):
 
     def _stored_prefixes(self) -> tuple[str, ...]:
         """Prefixes of the parts checkpoints leave out (a fitted VAE is stored)."""
-        return tuple(p for p in FROZEN_PREFIXES if not (p == "vae." and self.cfg.train.vae_fit.steps > 0))
+        stored = {"vae.": self.cfg.train.vae_fit.steps > 0, "image_encoder.": self.cfg.train.image_encoder_trainable}
+        return tuple(p for p in FROZEN_PREFIXES if not stored[p])
 
     # ------------------------------------------------------------------------------------------ parameters
     def _set_trainable(self, preset: str) -> None:
@@ -368,7 +373,8 @@ class MultiViewModule(LightningModule):
         self.conditioner.ramp.requires_grad_(True)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad] + [self.conditioner.ramp]
+        encoder = [p for p in self.image_encoder.parameters() if p.requires_grad]
+        return [p for p in self.unet.parameters() if p.requires_grad] + [self.conditioner.ramp] + encoder
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -385,8 +391,9 @@ class MultiViewModule(LightningModule):
     def encode_condition(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition images in [0, 1] -> (encoder hidden states [B, 77, D], reference latents), as the pipeline."""
         pixels = clip_pixels(images, self.feature_extractor).to(self.image_encoder.dtype)
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train.image_encoder_trainable):
             embeds = self.image_encoder(pixel_values=pixels).image_embeds
+        with torch.no_grad():
             ref = encode_reference(self.vae, images)
         return self.conditioner(embeds.to(self.conditioner.dtype)), ref
 
@@ -455,6 +462,8 @@ class MultiViewModule(LightningModule):
         """AdamW with warm-up and the configured schedule; no weight decay on the ramp coefficients."""
         unet = [p for p in self.unet.parameters() if p.requires_grad]
         groups = [{"params": unet}, {"params": [self.conditioner.ramp], "weight_decay": 0.0}]
+        if self.cfg.train.image_encoder_trainable:
+            groups.append({"params": [p for p in self.image_encoder.parameters() if p.requires_grad]})
         return adamw_with_schedule(groups, self.cfg.optim, self._total_steps())
 
     def _total_steps(self) -> int:
@@ -481,10 +490,9 @@ class MultiViewModule(LightningModule):
             ctx.__exit__(None, None, None)
 
     def on_train_start(self) -> None:
+        # (runner.fit already seeds every rank with run.seed + rank, so timesteps and noise differ per rank)
         if self.cfg.train.vae_fit.steps > 0 and not self.vae_fitted:
             self._fit_vae_all_ranks()
-        if self.trainer.world_size > 1:  # same run seed on every rank: decorrelate timesteps and noise per rank
-            torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
@@ -708,9 +716,9 @@ def run_training(cfg, callbacks=()):
     conf: MultiViewConfig = to_object(cfg)
     if conf.train.cpu_threads is not None:
         torch.set_num_threads(conf.train.cpu_threads)
-    module = MultiViewModule(conf)
     data = MultiViewDataModule(conf.data)
-    return fit(STAGE, cfg, module, data, callbacks)
+    # built inside fit(), after seeding with run.seed: the same initial weights on every rank and rerun
+    return fit(STAGE, cfg, lambda: MultiViewModule(conf), data, callbacks)
 
 
 def train(config_path=None, overrides=()) -> int:
