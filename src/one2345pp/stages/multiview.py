@@ -452,9 +452,13 @@ class MultiViewModule(LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        g = torch.Generator().manual_seed(self.cfg.val.seed + batch_idx)
-        loss = self.compute_loss(batch, generator=g, augment=False)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0], sync_dist=True)
+        seed, b = self.cfg.val.seed + batch_idx, batch["target"].shape[0]
+        loss = self.compute_loss(batch, generator=torch.Generator().manual_seed(seed), augment=False)
+        self.log("val/loss", loss, prog_bar=True, batch_size=b, sync_dist=True)
+        if b > 1:  # how much the condition explains: the same noise and timesteps with another object's condition
+            swapped = {**batch, "cond": batch["cond"].roll(1, dims=0)}
+            other = self.compute_loss(swapped, generator=torch.Generator().manual_seed(seed), augment=False)
+            self.log("val/cond_gain", (other - loss) / other.clamp_min(1e-12), batch_size=b, sync_dist=True)
         if batch_idx == 0 and self.cfg.val.num_images > 0 and self.trainer.is_global_zero:
             self.log_samples(batch)
 
