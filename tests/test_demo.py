@@ -267,3 +267,15 @@ def test_steps_run_when_their_needs_are_met_and_a_failure_stops_only_what_needs_
     assert state.finished("a") and not state.finished("b")
     (out / "a.txt").unlink()
     assert not state.finished("a")  # a recorded step whose output is gone is redone
+
+
+def test_report_says_whether_the_multiview_model_follows_its_condition(tmp_path):
+    from one2345pp.demo.report import _condition_note
+
+    logs = tmp_path / "checkpoints" / "multiview" / "demo" / "logs"
+    logs.mkdir(parents=True)
+    assert _condition_note(tmp_path, "demo") == []  # nothing logged yet
+    for gain, says in ((0.004, "come out alike for every input"), (0.31, "explains that share of the loss")):
+        (logs / "metrics.csv").write_text(f"epoch,step,val/loss,val/cond_gain\n0,9,0.2,0.5\n1,19,0.1,{gain}\n")
+        (note,) = _condition_note(tmp_path, "demo")
+        assert f"val/cond_gain {gain:.3f}" in note and says in note

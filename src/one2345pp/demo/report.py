@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .config import STAGE_NAMES, DemoConfig
-from .steps import DemoState, load_average, write_text
+from .steps import DemoState, load_average, training_metrics, write_text
 
 INDEX_FILE = "index.html"
 
@@ -115,6 +115,25 @@ def _stages_table(out: Path, state: DemoState, run_name: str) -> list[str]:
         )
     rows.append("</table>")
     return rows
+
+
+def _condition_note(out: Path, run_name: str) -> list[str]:
+    """What the multi-view run's last ``val/cond_gain`` says about the generated views (nothing when not logged)."""
+    gain = training_metrics(out / "checkpoints" / "multiview" / run_name).get("val/cond_gain")
+    if gain is None:
+        return []
+    if gain < 0.05:
+        verdict = (
+            "it hardly follows its input yet (at this size and budget it learns the views' layout first), so the "
+            "generated views, and the meshes made from them, come out alike for every input. The last section "
+            "shows what the 3D stages do with the right views"
+        )
+    else:
+        verdict = "the condition explains that share of the loss"
+    return [
+        f'<p class="note">Multi-view model: val/cond_gain {gain:.3f} in its last validation (the relative loss '
+        f"increase when each object gets another object's condition; 0: the condition is ignored): {e(verdict)}.</p>"
+    ]
 
 
 def _images_table(out: Path, images: list[dict]) -> list[str]:
@@ -252,6 +271,7 @@ def write_index(
         f'<p class="note">Objects of procedural seed {cfg.images.seed} (not in the training data), rendered as the '
         "shards render a condition view; the ground truth is that condition's six target views. Pipeline: "
         f"{_link(out, 'pipeline/model_index.json', 'pipeline/')}.</p>",
+        *_condition_note(out, run_name),
         *_images_table(out, images),
         "<h2>Evaluation</h2>",
         *_eval_section(out),
