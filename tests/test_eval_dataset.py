@@ -306,3 +306,16 @@ def test_eval_command_on_two_procedural_objects_writes_its_tables(tmp_path, tiny
     md = (out / "report.md").read_text()
     assert "not available (no CLIP model configured" in md and "not GSO" in md
     assert (out / "report.html").is_file()
+
+
+def test_cli_names_an_unreachable_clip_model_without_a_traceback(tmp_path, tiny_pipeline_dir, monkeypatch, capsys):
+    from one2345pp.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub id is not cached: no download is tried
+    code = main(
+        ["eval", "--dataset", "procedural", "--pipeline", str(tiny_pipeline_dir), "--out", str(tmp_path / "out"),
+         "clip.model=nobody/no-such-clip", "lpips.weights=null"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "one2345pp eval: error: CLIP model 'nobody/no-such-clip' could not be loaded" in err
+    assert "Traceback" not in err

@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = handlers[(args.command, getattr(args, "data_cmd", None))]
     try:
         return handler(args)
-    except (ConfigError, FileNotFoundError, ValueError, ImportError) as exc:
+    except (ConfigError, OSError, ValueError, ImportError) as exc:  # OSError: missing files, models not cached
         print(f"one2345pp {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
