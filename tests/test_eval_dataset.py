@@ -313,8 +313,17 @@ def test_cli_names_an_unreachable_clip_model_without_a_traceback(tmp_path, tiny_
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub id is not cached: no download is tried
     code = main(
-        ["eval", "--dataset", "procedural", "--pipeline", str(tiny_pipeline_dir), "--out", str(tmp_path / "out"),
-         "clip.model=nobody/no-such-clip", "lpips.weights=null"]
+        [
+            "eval",
+            "--dataset",
+            "procedural",
+            "--pipeline",
+            str(tiny_pipeline_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "clip.model=nobody/no-such-clip",
+            "lpips.weights=null",
+        ]
     )
     err = capsys.readouterr().err
     assert code == 2 and "one2345pp eval: error: CLIP model 'nobody/no-such-clip' could not be loaded" in err
