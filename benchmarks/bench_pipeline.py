@@ -5,7 +5,8 @@
 
 1. Tiny preset on this CPU: the pipeline folder that ``make demo`` exports (``--pipeline``; trained tiny stages), run
    on one image (``--image``, default: a held-out procedural object rendered as the evaluation renders its input),
-   with the method's defaults (28 multi-view steps, guidance 4, 50 coarse and 20 fine steps, texture refinement).
+   with the settings stored in the folder (the demo's: 28 multi-view steps, guidance 4, 25 coarse and 20 fine
+   steps, 300 texture-refinement iterations).
    The first call is reported apart (lazy initialisation); the table shows the median of the other ``--repeats``.
 2. Full preset with random weights on ``--full-device`` (default: cuda when present, else skipped): the multi-view
    pipeline at the SD2 size (320 px views, 640x960 grid, bf16 on CUDA), one coarse 50-step and one fine 20-step
@@ -52,7 +53,7 @@ def heldout_image(settings, seed: int = 4242) -> Image.Image:
 
     mesh = frame_ground_truth(generate_object(0, ProceduralConfig(seed=seed)).mesh, settings.extent)
     cam = input_camera(settings, EvalConfig())
-    return Image.fromarray(RaycastRenderer(RenderConfig(supersample=2)).render(mesh, cam).rgba)
+    return Image.fromarray(RaycastRenderer(RenderConfig(supersample=2)).render(mesh, cam).to_uint8_rgba(), "RGBA")
 
 
 def sync(device: torch.device) -> None:
