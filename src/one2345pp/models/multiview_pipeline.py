@@ -113,8 +113,7 @@ def encode_reference(vae, images: torch.Tensor) -> torch.Tensor:
     SD's VAE the factor is exactly 1, so Zero123++ weights read the latent they were trained on.
     """
     z = vae.encode(images.to(vae.dtype) * 2.0 - 1.0).latent_dist.mode()
-    ratio = float(vae.config.scaling_factor) / SD_SCALING_FACTOR
-    return z if abs(ratio - 1.0) < 1e-6 else z * ratio
+    return z * (float(vae.config.scaling_factor) / SD_SCALING_FACTOR)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
