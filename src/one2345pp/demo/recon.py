@@ -23,14 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..utils.atomic import write_json
+
 TAU = 0.05
 METRICS = ("iou", "fscore", "chamfer", "sphere_fscore", "sphere_chamfer")
-
-
-def _write_json(path: Path, doc) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _loader(coarse_run: Path, shards: Path):
@@ -139,7 +135,7 @@ def reconstruct(
             os.replace(tmp, folder / "turntable.png")
             row.update(mesh=f"{meta['uid']}/mesh.glb", turntable=f"{meta['uid']}/turntable.png")
         row["seconds"] = time.perf_counter() - t0
-        _write_json(done, row)
+        write_json(done, row)
         rows.append(row)
         print(
             f"recon {len(rows)}: {row['uid']}  shell IoU {row['iou']:.3f}  F-Score {row['fscore']:.3f}  "
@@ -157,7 +153,7 @@ def reconstruct(
         "fine": fine_steps or rec.fine.cfg.diffusion.sample_steps,
     }
     summary = {"objects": rows, "mean": mean, "sphere_radius": radius, "points": points, "tau": TAU, "steps": steps}
-    _write_json(out / "metrics.json", summary)
+    write_json(out / "metrics.json", summary)
     return summary
 
 

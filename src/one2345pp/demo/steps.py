@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
+from ..utils.atomic import write_json
 from .config import STAGE_NAMES
 
 STATE_FILE = "demo.json"
@@ -32,20 +32,6 @@ STEPS = (
     "eval",
     "recon",
 )
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temporary name beside ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def load_average() -> list[float] | None:
@@ -99,7 +85,7 @@ class DemoState:
 
     def save(self) -> None:
         with self.lock:
-            write_text(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
+            write_json(self.path, self.data, default=str)
 
 
 class Console:

@@ -28,12 +28,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from numbers import Real
 from pathlib import Path
 from urllib.parse import quote
+
+from ..utils.atomic import write_text
 
 __all__ = [
     "FILES",
@@ -239,15 +240,7 @@ def _columns(rows: Sequence[Mapping]) -> list[str]:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_text(path, text, newline="")  # no newline translation: the CSV holds its own line ends
 
 
 def render_csv(rows: Sequence[Mapping]) -> str:

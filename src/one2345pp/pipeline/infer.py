@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import ConfigError, parse_overrides
+from ..utils.atomic import write_json
 from .turntable import TurntableConfig
 from .turntable import check_config as check_turntable
 
@@ -148,18 +149,6 @@ def finished(folder: Path) -> bool:
         return False
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_png(image, path: Path) -> None:
     from PIL import Image
 
@@ -211,7 +200,7 @@ def run_image(pipe, image: Path, folder: Path, options: InferOptions, seed: int,
             },
             "outputs": list(OUTPUTS),
         }
-        _write_json(tmp / RESULT, doc)
+        write_json(tmp / RESULT, doc, default=str)
         _replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -281,7 +270,7 @@ def infer_images(
             kept = folder.is_dir() and finished(folder)
             if not kept:
                 folder.mkdir(parents=True, exist_ok=True)
-                _write_json(folder / RESULT, {**record, "status": "failed", "reason": reason})
+                write_json(folder / RESULT, {**record, "status": "failed", "reason": reason}, default=str)
             note = " (previous outputs kept)" if kept else ""
             tqdm.write(f"failed: {path}: {reason}{note}", file=stream)
             results.append(ImageResult(str(path), path.stem, "failed", reason, folder))

@@ -38,6 +38,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError, save_config
+from ..utils.atomic import write_text
 
 
 @dataclass
@@ -404,7 +405,7 @@ def fit(stage: str, cfg, module, datamodule, callbacks=()):
         if trainer.is_global_zero:
             for lg in wandb_loggers:
                 if lg.version and not os.environ.get("WANDB_SWEEP_ID"):
-                    _write_text(directory / "logs" / WANDB_ID_FILE, lg.version + "\n")
+                    write_text(directory / "logs" / WANDB_ID_FILE, lg.version + "\n")
         if trainer.logger is not None:
             trainer.logger.log_hyperparams(OmegaConf.to_container(resolved, resolve=True))
         try:
@@ -417,10 +418,3 @@ def fit(stage: str, cfg, module, datamodule, callbacks=()):
                     if getattr(lg, "_experiment", None) is not None:  # created (not only configured)
                         lg.experiment.finish()
     return trainer, directory
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
