@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+from ..utils.atomic import write_text
 from .config import STAGE_NAMES, DemoConfig
-from .steps import DemoState, load_average, training_metrics, write_text
+from .steps import DemoState, load_average, training_metrics
 
 INDEX_FILE = "index.html"
 
@@ -177,12 +178,7 @@ def _eval_section(out: Path) -> list[str]:
         f"data use seed 0), scored by <code>one2345pp eval --dataset procedural</code>: "
         f"{_link(out, 'eval/report.html', 'report.html')}, {_link(out, 'eval/metrics.csv', 'metrics.csv')}, "
         f"{_link(out, 'eval/metrics.json', 'metrics.json')}.</p>",
-        "<table><tr><th>object</th>"
-        + "".join(f"<th>{e(h)}</th>" for _, h, _ in _EVAL_COLUMNS)
-        + "<th>input | generated views | ground truth | turntable</th></tr>",
-        "<tr><td><b>mean</b></td>"
-        + "".join(f'<td class="num"><b>{_fmt(mean.get(k), f)}</b></td>' for k, _, f in _EVAL_COLUMNS)
-        + "<td></td></tr>",
+        *_table_start(_EVAL_COLUMNS, mean, ["input | generated views | ground truth | turntable"]),
     ]
     for row in m.get("objects", []):
         ims = " ".join(
@@ -197,6 +193,21 @@ def _eval_section(out: Path) -> list[str]:
     rows.append("</table>")
     rows += [f'<p class="note">{e(k)}: not measured ({e(r)}).</p>' for k, r in (m.get("unavailable") or {}).items()]
     return rows
+
+
+def _table_start(cols, mean: dict, extra: list[str]) -> list[str]:
+    """A metrics table's opening, header and mean rows: object, one column per ``(key, heading, format)`` of
+    ``cols``, then the ``extra`` headings (left empty in the mean row)."""
+    span = f' colspan="{len(extra)}"' if len(extra) > 1 else ""
+    return [
+        "<table><tr><th>object</th>"
+        + "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
+        + "".join(f"<th>{e(h)}</th>" for h in extra)
+        + "</tr>",
+        "<tr><td><b>mean</b></td>"
+        + "".join(f'<td class="num"><b>{_fmt(mean.get(k), f)}</b></td>' for k, _, f in cols)
+        + f"<td{span}></td></tr>",
+    ]
 
 
 def _recon_section(out: Path, images: list[dict]) -> list[str]:
@@ -218,12 +229,7 @@ def _recon_section(out: Path, images: list[dict]) -> list[str]:
         f"normalised frame ({m.get('points')} surface samples, no alignment); the sphere (radius "
         f"{_fmt(m.get('sphere_radius'), '{:.3f}')}, the training objects' mean shell radius) is a baseline that "
         f"ignores the input. {_link(out, 'recon/metrics.json', 'metrics.json')}.</p>",
-        "<table><tr><th>object</th>"
-        + "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
-        + "<th>ground-truth views (input)</th><th>turntable of the mesh</th><th>mesh</th></tr>",
-        "<tr><td><b>mean</b></td>"
-        + "".join(f'<td class="num"><b>{_fmt(mean.get(k), f)}</b></td>' for k, _, f in cols)
-        + '<td colspan="3"></td></tr>',
+        *_table_start(cols, mean, ["ground-truth views (input)", "turntable of the mesh", "mesh"]),
     ]
     for row in m.get("objects", []):
         uid = row["uid"]
