@@ -70,6 +70,12 @@ class MultiViewModelConfig:
     init_seed: int = 0  # seed of the random initialisation (pretrained: unused parts only)
     view_size: int = 64  # pixels per generated view: the exported pipeline's default output size
     cond_size: int = 64  # the exported pipeline resizes the condition image to this size
+    # Departure from the method for models trained from scratch (the tiny preset): the clean condition latent is
+    # also concatenated to the UNet input in every tile (models/multiview_pipeline.concat_condition), which doubles
+    # the UNet's input channels. Zero123++ relies on SD2's pretrained prior to read the condition through reference
+    # attention alone; a random tiny UNet did not learn to (docs/multiview_conditioning.md). A pretrained SD2 /
+    # Zero123++ UNet has 4 input channels, so this stays off for them.
+    condition_concat: bool = False
 
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -216,12 +222,13 @@ def _freeze(module):
     return module.requires_grad_(False).eval()
 
 
-def _check(c: MultiViewComponents, source: str) -> MultiViewComponents:
-    unet = c.unet.config
-    if unet.in_channels != c.vae.config.latent_channels or unet.out_channels != c.vae.config.latent_channels:
+def _check(c: MultiViewComponents, source: str, concat: bool = False) -> MultiViewComponents:
+    unet, latent = c.unet.config, c.vae.config.latent_channels
+    if unet.in_channels != latent * (2 if concat else 1) or unet.out_channels != latent:
+        need = f"{2 * latent} (latents + the concatenated condition)" if concat else str(latent)
         raise ValueError(
-            f"{source}: UNet channels in/out {unet.in_channels}/{unet.out_channels} do not match the VAE's "
-            f"{c.vae.config.latent_channels} latent channels"
+            f"{source}: UNet channels in/out {unet.in_channels}/{unet.out_channels}; with the VAE's {latent} latent "
+            f"channels and model.condition_concat={concat} they must be {need}/{latent}"
         )
     proj = c.image_encoder.config.projection_dim
     if proj != unet.cross_attention_dim or c.conditioner.config.embed_dim != unet.cross_attention_dim:
@@ -235,8 +242,11 @@ def _check(c: MultiViewComponents, source: str) -> MultiViewComponents:
     return c
 
 
-def random_components(preset: str, seed: int = 0, device: str | torch.device = "cpu") -> MultiViewComponents:
-    """Every component at random from a preset, drawn from ``seed`` (global RNG state left untouched).
+def random_components(
+    preset: str, seed: int = 0, device: str | torch.device = "cpu", condition_concat: bool = False
+) -> MultiViewComponents:
+    """Every component at random from a preset, drawn from ``seed`` (global RNG state left untouched);
+    ``condition_concat`` doubles the UNet's input channels for the concatenated condition.
 
     ``device``: where the networks are built and initialised (``"cuda"`` skips the slow CPU initialisation of the
     full preset; the draws then come from the CUDA generator, so the weights differ from a CPU build).
@@ -246,8 +256,9 @@ def random_components(preset: str, seed: int = 0, device: str | torch.device = "
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []  # manual_seed seeds them
     with torch.random.fork_rng(devices=cuda), device:
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**p["unet"])
         vae = AutoencoderKL(**p["vae"])
+        latent = vae.config.latent_channels
+        unet = UNet2DConditionModel(**p["unet"], in_channels=latent * (2 if condition_concat else 1))
         image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**p["image_encoder"]))
         text_cfg = CLIPTextConfig(**p["text_encoder"])
         text_encoder = CLIPTextModel(text_cfg).eval()
@@ -257,7 +268,7 @@ def random_components(preset: str, seed: int = 0, device: str | torch.device = "
     c = MultiViewComponents(
         unet, vae, image_encoder, _processor(**p["feature_extractor"]), conditioner, inference_scheduler()
     )
-    return _check(c, f"preset {preset!r}")
+    return _check(c, f"preset {preset!r}", condition_concat)
 
 
 def _processor_class():
@@ -329,7 +340,7 @@ def _image_encoder(source: str, subfolder: str | None) -> tuple[CLIPVisionModelW
 def build_components(cfg: MultiViewModelConfig) -> MultiViewComponents:
     """All components for ``cfg`` (see the module docstring for what ``model.pretrained`` may name)."""
     if cfg.pretrained is None:
-        return random_components(cfg.preset, cfg.init_seed)
+        return random_components(cfg.preset, cfg.init_seed, condition_concat=cfg.condition_concat)
     src = cfg.pretrained
     index = _read_index(src)
     kind = pretrained_kind(index)
@@ -338,7 +349,13 @@ def build_components(cfg: MultiViewModelConfig) -> MultiViewComponents:
         c = MultiViewComponents(
             pipe.unet, pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.conditioner, inference_scheduler()
         )
-        return _check(c, src)
+        stored = bool(pipe.config.get("condition_concat", False))
+        if stored != cfg.condition_concat:
+            raise ValueError(
+                f"model.condition_concat={cfg.condition_concat} but {src} holds a model with condition_concat="
+                f"{stored} (set model.condition_concat={str(stored).lower()})"
+            )
+        return _check(c, src, stored)
     unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
     ramp = None
@@ -355,4 +372,5 @@ def build_components(cfg: MultiViewModelConfig) -> MultiViewComponents:
             )
         encoder, processor = _image_encoder(cfg.image_encoder, cfg.image_encoder_subfolder)
     conditioner = _conditioner(_text_embedding(src), ramp)
-    return _check(MultiViewComponents(unet, vae, encoder, processor, conditioner, inference_scheduler()), src)
+    components = MultiViewComponents(unet, vae, encoder, processor, conditioner, inference_scheduler())
+    return _check(components, src, cfg.condition_concat)

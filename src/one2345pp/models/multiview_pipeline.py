@@ -44,6 +44,8 @@ __all__ = [
     "MultiViewDiffusionPipeline",
     "MultiViewPipelineOutput",
     "clip_pixels",
+    "concat_condition",
+    "condition_latent",
     "decode_latents",
     "encode_reference",
     "encode_target",
@@ -54,6 +56,7 @@ __all__ = [
     "unscale_image",
     "unscale_latents",
     "vae_scale_factor",
+    "with_condition_channels",
 ]
 
 NUM_TOKENS = 77  # text-encoder sequence length; one ramp coefficient per token
@@ -114,6 +117,34 @@ def encode_reference(vae, images: torch.Tensor) -> torch.Tensor:
     """
     z = vae.encode(images.to(vae.dtype) * 2.0 - 1.0).latent_dist.mode()
     return z * (float(vae.config.scaling_factor) / SD_SCALING_FACTOR)
+
+
+def condition_latent(vae, images: torch.Tensor) -> torch.Tensor:
+    """Condition images in [0, 1] -> their latent in the diffusion space of the targets (posterior mean, target
+    normalisation): what the concatenated-condition path of :func:`concat_condition` carries."""
+    z = vae.encode(scale_image(images.to(vae.dtype) * 2.0 - 1.0)).latent_dist.mode()
+    return scale_latents(z, vae.config.scaling_factor)
+
+
+def concat_condition(vae, images: torch.Tensor, view_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The extra UNet input channels of a model with ``condition_concat``: ``(grid, reference)``.
+
+    ``grid`` [B, C, 3h, 2w]: the condition resized to one view and encoded (:func:`condition_latent`), repeated in
+    each of the six tiles, for the pass over the target grid; ``reference`` [B, C, hc, wc]: the condition at its own
+    size, for the record pass over the reference latent. Both are clean at every timestep: the path hands the UNet
+    the input at the first convolution, where reference attention reaches it only through self-attention.
+    """
+    size = (view_size, view_size)
+    one_view = images if images.shape[-2:] == size else F.interpolate(
+        images.float(), size=size, mode="bilinear", antialias=True, align_corners=False
+    ).clamp(0.0, 1.0)
+    grid = condition_latent(vae, one_view).repeat(1, 1, GRID_ROWS, GRID_COLS)
+    return grid, condition_latent(vae, images)
+
+
+def with_condition_channels(x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """``x`` with the concatenated-condition channels appended (unchanged when the model has none)."""
+    return x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -249,6 +280,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         conditioner: GlobalConditioner,
         view_size: int = 320,
         cond_size: int = 320,
+        condition_concat: bool = False,
     ):
         super().__init__()
         install_reference_attention(unet)
@@ -260,7 +292,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
             feature_extractor=feature_extractor,
             conditioner=conditioner,
         )
-        self.register_to_config(view_size=view_size, cond_size=cond_size)
+        self.register_to_config(view_size=view_size, cond_size=cond_size, condition_concat=condition_concat)
 
     def encode_condition(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition images in [0, 1] -> (encoder hidden states [B, 77, D], reference latents [B, C, h, w])."""
@@ -306,11 +338,14 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
             cond = torch.cat([torch.full_like(cond, GRAY), cond])
         hidden, ref_latents = self.encode_condition(cond)
         ref_latents = ref_latents.to(self.unet.dtype)
+        concat = (None, None)
+        if self.config.condition_concat:
+            concat = concat_condition(self.vae, cond.to(self.vae.device), view_size)
 
         scheduler = make_sampler(sampler, self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         alphas_cumprod = scheduler.alphas_cumprod
-        shape = (batch, self.unet.config.in_channels, GRID_ROWS * view_size // factor, GRID_COLS * view_size // factor)
+        shape = (batch, self.vae.config.latent_channels, GRID_ROWS * view_size // factor, GRID_COLS * view_size // factor)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         latents = latents * scheduler.init_noise_sigma
         for t in self.progress_bar(scheduler.timesteps):
@@ -323,6 +358,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
                 dtype=ref_latents.dtype,
             )
             ref = noisy_reference(ref_latents, t, noise, alphas_cumprod)
+            x, ref = with_condition_channels(x, concat[0]), with_condition_channels(ref, concat[1])
             v = reference_forward(self.unet, x, t, hidden, ref)
             if guided:
                 v_uncond, v_cond = v.chunk(2)

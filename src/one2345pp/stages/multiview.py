@@ -47,11 +47,13 @@ from one2345pp.models.multiview_pipeline import (
     TRAIN_SCHEDULE,
     MultiViewDiffusionPipeline,
     clip_pixels,
+    concat_condition,
     encode_reference,
     encode_target,
     scale_image,
     unscale_image,
     vae_scale_factor,
+    with_condition_channels,
 )
 from one2345pp.models.reference_attention import noisy_reference, reference_forward
 from one2345pp.training.ema import EMAWeights
@@ -440,6 +442,10 @@ class MultiViewModule(LightningModule):
             t = torch.randint(0, len(self.alphas_cumprod), (b,), generator=generator).to(device)
         x_t, v = self.diffusion_targets(z0, _rand(z0.shape, generator, device), t)
         ref_t = noisy_reference(ref, t, _rand(ref.shape, generator, device), self.alphas_cumprod)
+        if self.cfg.model.condition_concat:
+            with torch.no_grad():
+                grid, own = concat_condition(self.vae, cond, target.shape[-1] // 2)  # one view of the 3x2 grid
+            x_t, ref_t = with_condition_channels(x_t, grid), with_condition_channels(ref_t, own)
         pred = reference_forward(self.unet, x_t, t, hidden, ref_t)
         per_sample = (pred.float() - v.float()).square().mean(dim=(1, 2, 3))
         return (self.loss_weights(t) * per_sample).mean()
@@ -656,6 +662,7 @@ class MultiViewModule(LightningModule):
             conditioner=self.conditioner,
             view_size=self.cfg.model.view_size,
             cond_size=self.cfg.model.cond_size,
+            condition_concat=self.cfg.model.condition_concat,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
