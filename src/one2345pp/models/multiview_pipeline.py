@@ -182,7 +182,8 @@ def bicubic_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     x = images.float()
     wh = torch.as_tensor(_bicubic_matrix(x.shape[-2], h), dtype=x.dtype, device=x.device)
     ww = torch.as_tensor(_bicubic_matrix(x.shape[-1], w), dtype=x.dtype, device=x.device)
-    return (wh @ x @ ww.T).clamp(0.0, 1.0)
+    with torch.autocast(x.device.type, enabled=False):  # float32 even under mixed precision
+        return (wh @ x @ ww.T).clamp(0.0, 1.0)
 
 
 def _size(value, key: str) -> int | None:
