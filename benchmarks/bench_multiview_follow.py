@@ -42,9 +42,13 @@ from one2345pp.models.multiview_pipeline import (
     GRAY,
     MultiViewDiffusionPipeline,
     clip_pixels,
+    concat_condition,
+    condition_inputs,
     encode_target,
     scale_image,
+    unconditional_condition,
     unscale_image,
+    with_condition_channels,
 )
 from one2345pp.models.reference_attention import ReferenceAttnProcessor, noisy_reference, reference_forward
 from one2345pp.pipeline.preprocess import PreprocessConfig, preprocess_image
@@ -130,18 +134,35 @@ def follow_metrics(generated: torch.Tensor, truth: torch.Tensor) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- loss diagnostics
-def _unconditional(pipe: MultiViewDiffusionPipeline, cond: torch.Tensor):
-    return pipe.encode_condition(torch.full_like(cond, GRAY))
+def encode(pipe, images: torch.Tensor, generator: torch.Generator, unconditional: bool = False) -> tuple:
+    """(hidden states, reference latents, concatenated-condition grid and reference or None) of condition images,
+    or of the unconditional branch for as many images."""
+    size = int(pipe.config.cond_size)
+    if unconditional:
+        hidden, ref = unconditional_condition(pipe.conditioner, pipe.vae, len(images), size, generator)
+        refs = torch.full((len(images), 3, size, size), GRAY)
+    else:
+        hidden, ref = pipe.encode_condition(images, size, guided=False, generator=generator)
+        refs = condition_inputs(images, size, pipe.feature_extractor)[0]
+    concat = (None, None)
+    if pipe.config.condition_concat:
+        concat = concat_condition(pipe.vae, refs, int(pipe.config.view_size))
+    return hidden, ref, *concat
 
 
-def _losses(pipe, hidden, ref, z0, t, noise, ref_noise) -> torch.Tensor:
-    """Unweighted per-sample v-prediction MSE for given condition encodings."""
+def _prediction(pipe, enc: tuple, x_t: torch.Tensor, t: torch.Tensor, ref_noise: torch.Tensor) -> torch.Tensor:
+    hidden, ref, grid, own = enc
+    ref_t = noisy_reference(ref, t, ref_noise, pipe.scheduler.alphas_cumprod)
+    x, ref_t = with_condition_channels(x_t, grid), with_condition_channels(ref_t, own)
+    return reference_forward(pipe.unet, x, t, hidden, ref_t)
+
+
+def _losses(pipe, enc: tuple, z0, t, noise, ref_noise) -> torch.Tensor:
+    """Unweighted per-sample v-prediction MSE for one condition encoding."""
     a = pipe.scheduler.alphas_cumprod.to(z0.device)[t].float().view(-1, 1, 1, 1)
     x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
     v = a.sqrt() * noise - (1 - a).sqrt() * z0
-    ref_t = noisy_reference(ref, t, ref_noise, pipe.scheduler.alphas_cumprod)
-    pred = reference_forward(pipe.unet, x_t, t, hidden, ref_t)
-    return (pred.float() - v).square().mean(dim=(1, 2, 3))
+    return (_prediction(pipe, enc, x_t, t, ref_noise).float() - v).square().mean(dim=(1, 2, 3))
 
 
 @torch.no_grad()
@@ -149,9 +170,9 @@ def condition_response(pipe, cond: torch.Tensor, grids: torch.Tensor, gamma: flo
     """Loss with the object's own condition, another object's (rolled by one) and the unconditional branch, at the
     same noise and timesteps: per timestep bucket (unweighted) and overall (``gamma``-weighted, as val/cond_gain)."""
     g = torch.Generator().manual_seed(seed)
-    own = pipe.encode_condition(cond)
-    other = pipe.encode_condition(cond.roll(1, dims=0))
-    uncond = _unconditional(pipe, cond)
+    own = encode(pipe, cond, g)
+    other = tuple(x if x is None else x.roll(1, dims=0) for x in own)
+    uncond = encode(pipe, cond, g, unconditional=True)
     acp = pipe.scheduler.alphas_cumprod
     rows = {b: {"own": [], "other": [], "uncond": []} for b in BUCKETS}
     weighted = {"own": [], "other": []}
@@ -161,7 +182,7 @@ def condition_response(pipe, cond: torch.Tensor, grids: torch.Tensor, gamma: flo
             t = torch.randint(lo, hi, (n,), generator=g)
             z0 = encode_target(pipe.vae, grids, g).float()
             noise, ref_noise = torch.randn(z0.shape, generator=g), torch.randn(own[1].shape, generator=g)
-            losses = {k: _losses(pipe, *enc, z0, t, noise, ref_noise) for k, enc in
+            losses = {k: _losses(pipe, enc, z0, t, noise, ref_noise) for k, enc in
                       (("own", own), ("other", other), ("uncond", uncond))}
             for k, v in losses.items():
                 rows[(lo, hi)][k].append(v)
@@ -200,7 +221,7 @@ def reference_attention_share(pipe, cond: torch.Tensor, grids: torch.Tensor, t_v
             return originals[id(proc)](attn, hidden, context, mask, temb)
         return attend
 
-    hidden, ref = pipe.encode_condition(cond)
+    enc = encode(pipe, cond, g)
     z0 = encode_target(pipe.vae, grids, g).float()
     try:
         for t_now in t_values:
@@ -209,8 +230,7 @@ def reference_attention_share(pipe, cond: torch.Tensor, grids: torch.Tensor, t_v
             t = torch.full((len(cond),), t_now, dtype=torch.long)
             a = pipe.scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
             x_t = a.sqrt() * z0 + (1 - a).sqrt() * torch.randn(z0.shape, generator=g)
-            ref_t = noisy_reference(ref, t, torch.randn(ref.shape, generator=g), pipe.scheduler.alphas_cumprod)
-            reference_forward(pipe.unet, x_t, t, hidden, ref_t)
+            _prediction(pipe, enc, x_t, t, torch.randn(enc[1].shape, generator=g))
     finally:
         for p in processors:
             p._attend = originals[id(p)]

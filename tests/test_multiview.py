@@ -166,28 +166,46 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_unconditional_branch_uses_a_gray_condition():
-    m = module("train.cond_dropout=1.0")
-    seen: list[torch.Tensor] = []
-    encode = m.encode_condition
-    m.encode_condition = lambda im: (seen.append(im.detach().clone()), encode(im))[1]
-    m.compute_loss(batch_of(), generator=torch.Generator().manual_seed(0))
-    assert seen[-1].shape[0] == 2 and torch.all(seen[-1] == 0.5)
+def test_dropout_and_guidance_use_the_one_unconditional_branch(monkeypatch):
+    """Condition dropout in training and the unconditional branch of guidance in sampling are the same function: the
+    plain empty-prompt embedding (no image term) and the reference latent (posterior sample) of a gray image."""
+    import one2345pp.models.multiview_pipeline as mp
+    import one2345pp.stages.multiview as stage
 
-    m = module("train.cond_dropout=0.0")
-    m.encode_condition = lambda im: (seen.append(im.detach().clone()), encode(im))[1]
+    original, calls = mp.unconditional_condition, []
+
+    def spy(*args, **kwargs):
+        calls.append(original(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(mp, "unconditional_condition", spy)
+    monkeypatch.setattr(stage, "unconditional_condition", spy)
+    m = module("train.cond_dropout=1.0")
+    cond = images(2, 32, 32, seed=5)
+    hidden, ref, _ = m.prepare_condition(cond, torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and torch.equal(hidden, calls[0][0]) and torch.equal(ref, calls[0][1])
+    assert torch.equal(hidden, m.conditioner.empty_prompt.expand(2, -1, -1))  # no image term
     m.compute_loss(batch_of(), generator=torch.Generator().manual_seed(0))
-    assert not torch.any(seen[-1].flatten(1).eq(0.5).all(1))  # no dropout: no gray condition
+    size = 8 * ref.shape[-1]  # the reference of a gray image at the batch's random condition size
+    with torch.no_grad():
+        gray = m.vae.encode(torch.zeros(2, 3, size, size)).latent_dist.sample(torch.Generator().manual_seed(3))
+        _, again = original(m.conditioner, m.vae, 2, size, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(again, gray, rtol=0, atol=0)
+
+    calls.clear()
+    m = module("train.cond_dropout=0.0")
+    hidden, _, _ = m.prepare_condition(cond, torch.Generator().manual_seed(0))
+    assert not calls and not torch.allclose(hidden[0], m.conditioner.empty_prompt[0])
 
     pipe = m.pipeline()
-    call = pipe.encode_condition
-    pipe.encode_condition = lambda im: (seen.append(im.clone()), call(im))[1]
-    cond = images(2, 32, 32, seed=5)
+    hidden, ref = pipe.encode_condition(cond, guided=True, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and hidden.shape[0] == ref.shape[0] == 4  # [unconditional, conditional]
+    torch.testing.assert_close(hidden[:2], calls[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(ref[:2], calls[0][1], rtol=0, atol=0)
     pipe(cond, num_inference_steps=1, guidance_scale=4.0, output_type="pt")
-    assert seen[-1].shape[0] == 4  # [unconditional, conditional]
-    assert torch.all(seen[-1][:2] == 0.5) and torch.allclose(seen[-1][2:], cond)
+    assert len(calls) == 2
     pipe(cond, num_inference_steps=1, guidance_scale=1.0, output_type="pt")
-    assert seen[-1].shape[0] == 2  # no guidance: no unconditional branch
+    assert len(calls) == 2  # no guidance: no unconditional branch
 
 
 # -------------------------------------------------------------------------------------------- targets and loss
@@ -526,18 +544,22 @@ def test_vae_fit_learns_to_reconstruct_and_travels_with_checkpoints(capsys):
 
 
 def test_reference_latent_keeps_zero123pp_signal_ratio_for_any_vae_scaling():
-    """With SD's scaling factor the reference is the raw posterior mean (as Zero123++ reads it); with another factor
-    it is rescaled so that it stays 1 / 0.18215 times a diffusion latent's scale."""
+    """With SD's scaling factor the reference is the raw posterior sample (as Zero123++ reads it); with another
+    factor it is rescaled so that it stays 1 / 0.18215 times a diffusion latent's scale."""
     from one2345pp.models.multiview_pipeline import encode_reference
 
     m = module()
     x = images(2, 32, 32, seed=3)
+
+    def gen():
+        return torch.Generator().manual_seed(4)
+
     with torch.no_grad():
-        raw = m.vae.encode(x * 2.0 - 1.0).latent_dist.mode()
+        raw = m.vae.encode(x * 2.0 - 1.0).latent_dist.sample(gen())
         assert m.vae.config.scaling_factor == pytest.approx(0.18215)
-        assert torch.equal(encode_reference(m.vae, x), raw)
+        assert torch.equal(encode_reference(m.vae, x, gen()), raw)
         m.vae.register_to_config(scaling_factor=2.0)  # e.g. after the tiny preset's VAE fit
-        assert torch.allclose(encode_reference(m.vae, x), raw * (2.0 / 0.18215))
+        assert torch.allclose(encode_reference(m.vae, x, gen()), raw * (2.0 / 0.18215))
 
 
 def test_trainable_image_encoder_gets_gradients_ema_and_travels_with_checkpoints():

@@ -15,12 +15,20 @@
 
 In every case the empty-prompt embedding is computed once with the text encoder, stored in the
 :class:`GlobalConditioner`, and the text encoder is dropped.
+
+The scheduler (the noise schedule of training and of the samplers) comes from the folder's
+``scheduler/scheduler_config.json`` for Zero123++ and exported folders, as it is (betas, prediction type, timestep
+spacing); its prediction type must be ``v_prediction`` (the stage's loss target), and a schedule other than the
+method's is used with a logged warning. A Stable Diffusion 2 folder's schedule is replaced by the method's (linear
+betas, v-prediction, Euler-ancestral with trailing spacing; ``shared/design/METHOD.md``, stage 1), with a logged
+warning naming every value that changes. Random presets use the method's schedule.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +45,7 @@ from transformers import (
 
 from one2345pp.models.multiview_pipeline import (
     NUM_TOKENS,
+    SCHEDULE_KEYS,
     TRAIN_SCHEDULE,
     GlobalConditioner,
     MultiViewDiffusionPipeline,
@@ -53,6 +62,7 @@ __all__ = [
     "build_components",
     "build_unet",
     "empty_prompt_embedding",
+    "folder_scheduler",
     "inference_scheduler",
     "pretrained_kind",
     "random_components",
@@ -198,6 +208,53 @@ def build_unet(preset: str, device: str | torch.device | None = None) -> UNet2DC
 def inference_scheduler() -> EulerAncestralDiscreteScheduler:
     """The stored scheduler: the training schedule, Euler-ancestral sampling with trailing timestep spacing."""
     return EulerAncestralDiscreteScheduler(**TRAIN_SCHEDULE, timestep_spacing="trailing")
+
+
+def _schedule_differences(config) -> dict[str, tuple]:
+    """Noise-schedule values of a scheduler config that differ from the method's: ``{key: (folder, method)}``."""
+    method = EulerAncestralDiscreteScheduler(**TRAIN_SCHEDULE).config
+    out = {}
+    for key in SCHEDULE_KEYS:
+        a, b = config.get(key), method.get(key)
+        same = math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, float) else a == b
+        if not same:
+            out[key] = (a, b)
+    return out
+
+
+def folder_scheduler(source: str, kind: str) -> EulerAncestralDiscreteScheduler:
+    """The scheduler of a pretrained folder (``kind`` from :func:`pretrained_kind`), from its
+    ``scheduler/scheduler_config.json`` (see the module docstring for what is kept, refused or replaced)."""
+    name = f"{source}/scheduler/scheduler_config.json"
+    try:
+        config = EulerAncestralDiscreteScheduler.load_config(source, subfolder="scheduler")
+    except (OSError, ValueError) as exn:
+        log.warning("%s: not readable (%s); using the method's schedule %s", name, exn, TRAIN_SCHEDULE)
+        return inference_scheduler()
+    scheduler = EulerAncestralDiscreteScheduler.from_config(config)  # missing keys: the class defaults
+    diff = _schedule_differences(scheduler.config)
+    text = ", ".join(f"{k}={a!r} (method: {b!r})" for k, (a, b) in diff.items())
+    if kind == "sd2":
+        if diff:
+            log.warning(
+                "%s: %s; the multi-view stage replaces Stable Diffusion 2's schedule by the method's "
+                "(linear betas 0.00085-0.012, v-prediction, Euler-ancestral with trailing spacing) for training and "
+                "sampling%s",
+                name,
+                text,
+                " -- this UNet was trained to predict epsilon and learns v from here"
+                if scheduler.config.prediction_type == "epsilon"
+                else "",
+            )
+        return inference_scheduler()
+    if scheduler.config.prediction_type != "v_prediction":
+        raise ValueError(
+            f"{name}: prediction_type={scheduler.config.prediction_type!r}; the multi-view stage trains and samples "
+            "v-prediction (its loss target), so it cannot continue from this folder"
+        )
+    if diff:
+        log.warning("%s: %s; training and sampling follow the folder's schedule", name, text)
+    return scheduler
 
 
 def empty_prompt_embedding(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
@@ -346,8 +403,9 @@ def build_components(cfg: MultiViewModelConfig) -> MultiViewComponents:
     kind = pretrained_kind(index)
     if kind == "export":
         pipe = MultiViewDiffusionPipeline.from_pretrained(src)
+        scheduler = folder_scheduler(src, kind)
         c = MultiViewComponents(
-            pipe.unet, pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.conditioner, inference_scheduler()
+            pipe.unet, pipe.vae, pipe.image_encoder, pipe.feature_extractor, pipe.conditioner, scheduler
         )
         stored = bool(pipe.config.get("condition_concat", False))
         if stored != cfg.condition_concat:
@@ -372,5 +430,6 @@ def build_components(cfg: MultiViewModelConfig) -> MultiViewComponents:
             )
         encoder, processor = _image_encoder(cfg.image_encoder, cfg.image_encoder_subfolder)
     conditioner = _conditioner(_text_embedding(src), ramp)
-    components = MultiViewComponents(unet, vae, encoder, processor, conditioner, inference_scheduler())
+    scheduler = folder_scheduler(src, kind)
+    components = MultiViewComponents(unet, vae, encoder, processor, conditioner, scheduler)
     return _check(components, src, cfg.condition_concat)

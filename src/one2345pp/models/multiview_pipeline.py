@@ -1,28 +1,36 @@
 """The exported multi-view generator: a diffusers ``DiffusionPipeline`` (one image -> six views tiled 3x2).
 
 Components: ``unet`` (``UNet2DConditionModel`` with reference attention installed on every ``attn1``), ``vae``
-(``AutoencoderKL``), ``scheduler`` (the training noise schedule, stored as Euler-ancestral with trailing spacing),
-``image_encoder`` (``CLIPVisionModelWithProjection``), ``feature_extractor`` (``CLIPImageProcessor``, whose resize and
-normalisation values are applied in torch) and ``conditioner`` (:class:`GlobalConditioner`: the stored empty-prompt
-embedding and the 77 learned ramp coefficients). ``save_pretrained`` writes ``model_index.json`` and one folder per
-component (safetensors); ``MultiViewDiffusionPipeline.from_pretrained(folder)`` restores everything.
+(``AutoencoderKL``), ``scheduler`` (the noise schedule, stored as Euler-ancestral; its config -- betas, prediction type,
+timestep spacing -- is what the samplers are built from), ``image_encoder`` (``CLIPVisionModelWithProjection``),
+``feature_extractor`` (``CLIPImageProcessor``, whose resize and normalisation values are applied here) and
+``conditioner`` (:class:`GlobalConditioner`: the stored empty-prompt embedding and the 77 learned ramp coefficients).
+``save_pretrained`` writes ``model_index.json`` and one folder per component (safetensors);
+``MultiViewDiffusionPipeline.from_pretrained(folder)`` restores everything.
 
-The conditioning and normalisation follow Zero123++ (``shared/design/METHOD.md``, stage 1): target latents
-``(z * scaling_factor - 0.22) * 0.75``, target images scaled by 0.5 / 0.8 before the VAE, condition latent without
-the VAE scaling factor, and a gray image as the condition of the unconditional branch of classifier-free guidance.
-The training module (:mod:`one2345pp.stages.multiview`) uses the same functions, so its samples and the exported
-pipeline's agree for the same seed.
+The conditioning and normalisation follow the published ``Zero123PlusPipeline`` (``shared/design/METHOD.md``,
+stage 1): RGBA inputs pasted on uint8 gray 127; the reference latent is a VAE posterior sample of the condition resized
+(PIL's bicubic filter) to ``cond_size``, without the VAE scaling factor; the CLIP input is made from the original
+(un-resized) image by the CLIP processor's resize / crop / normalisation; target latents
+``(z * scaling_factor - 0.22) * 0.75``, target images scaled by 0.5 / 0.8 before the VAE. The unconditional branch of
+classifier-free guidance (:func:`unconditional_condition`) is the plain empty-prompt embedding (no image term) with the
+reference latent of a gray image; training's condition dropout uses the same function. One deliberate difference: a
+non-square input is padded to a square with gray (the published processors crop its centre). The training module
+(:mod:`one2345pp.stages.multiview`) uses the same functions, so its samples and the exported pipeline's agree for the
+same seed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DiffusionPipeline,
     EulerAncestralDiscreteScheduler,
     ModelMixin,  # noqa: F401  (diffusers looks the load method of custom components up in their module)
@@ -36,23 +44,29 @@ from one2345pp.cameras import GRID_COLS, GRID_ROWS, untile
 from one2345pp.models.reference_attention import install_reference_attention, noisy_reference, reference_forward
 
 __all__ = [
+    "COMPOSITE_LEVEL",
     "GRAY",
     "NUM_TOKENS",
     "SAMPLERS",
+    "SCHEDULE_KEYS",
     "TRAIN_SCHEDULE",
     "GlobalConditioner",
     "MultiViewDiffusionPipeline",
     "MultiViewPipelineOutput",
+    "bicubic_resize",
     "clip_pixels",
     "concat_condition",
+    "condition_inputs",
     "condition_latent",
     "decode_latents",
     "encode_reference",
     "encode_target",
+    "global_condition",
     "make_sampler",
     "scale_image",
     "scale_latents",
-    "to_condition_tensor",
+    "training_scheduler",
+    "unconditional_condition",
     "unscale_image",
     "unscale_latents",
     "vae_scale_factor",
@@ -60,7 +74,8 @@ __all__ = [
 ]
 
 NUM_TOKENS = 77  # text-encoder sequence length; one ramp coefficient per token
-GRAY = 0.5  # background and unconditional condition image level, in [0, 1]
+GRAY = 0.5  # the unconditional branch's condition image (0 in the VAE's [-1, 1] input, as published), in [0, 1]
+COMPOSITE_LEVEL = 127  # uint8 gray the published pipeline pastes RGBA inputs on (also the padding of non-square ones)
 # Zero123++: linear betas 0.00085 -> 0.012 over 1000 steps, v-prediction
 TRAIN_SCHEDULE = {
     "num_train_timesteps": 1000,
@@ -69,6 +84,16 @@ TRAIN_SCHEDULE = {
     "beta_schedule": "linear",
     "prediction_type": "v_prediction",
 }
+# the scheduler config keys that define the noise schedule (shared by training and sampling)
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
 LATENT_SHIFT, LATENT_SCALE = 0.22, 0.75
 IMAGE_SCALE = 0.5 / 0.8
 SD_SCALING_FACTOR = 0.18215  # Stable Diffusion's VAE scaling factor, the one Zero123++'s reference latent is read with
@@ -106,8 +131,9 @@ def encode_target(vae, images: torch.Tensor, generator: torch.Generator | None =
     return scale_latents(z, vae.config.scaling_factor)
 
 
-def encode_reference(vae, images: torch.Tensor) -> torch.Tensor:
-    """Condition images in [0, 1] -> the reference latent: the posterior mean, not multiplied by SD's scaling factor.
+def encode_reference(vae, images: torch.Tensor, generator=None) -> torch.Tensor:
+    """Condition images in [0, 1] -> the reference latent: a posterior sample (as published; drawn from
+    ``generator``, a per-sample list of them, or the global RNG), not multiplied by SD's scaling factor.
 
     Zero123++ leaves SD's latent unscaled, which makes the reference 1 / 0.18215 = 5.5x larger than a diffusion latent
     (the paper's "scaled by 5"): noised to the same t, it keeps a 5.5x higher signal-to-noise ratio than the target.
@@ -115,7 +141,7 @@ def encode_reference(vae, images: torch.Tensor) -> torch.Tensor:
     the raw latent is *smaller* than a diffusion latent) the latent is multiplied by ``scaling_factor / 0.18215``; for
     SD's VAE the factor is exactly 1, so Zero123++ weights read the latent they were trained on.
     """
-    z = vae.encode(images.to(vae.dtype) * 2.0 - 1.0).latent_dist.mode()
+    z = vae.encode(images.to(vae.dtype) * 2.0 - 1.0).latent_dist.sample(generator)
     return z * (float(vae.config.scaling_factor) / SD_SCALING_FACTOR)
 
 
@@ -153,6 +179,44 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return ((unscale_image(vae.decode(z).sample) + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+# ------------------------------------------------------------------------------------------------ resampling
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """PIL's bicubic kernel (a = -0.5)."""
+    a, x = -0.5, np.abs(x)
+    inner = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    outer = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return np.where(x < 1.0, inner, np.where(x < 2.0, outer, 0.0))
+
+
+@lru_cache(maxsize=64)
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]`` weights of PIL's bicubic resampling along one axis (Pillow's ``precompute_coeffs``: the
+    kernel widened by the downscaling factor, taps normalised to sum 1)."""
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+        k = _cubic((np.arange(lo, hi) - center + 0.5) / filterscale)
+        w[i, lo:hi] = k / k.sum() if k.sum() != 0.0 else k
+    return w
+
+
+def bicubic_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[..., H, W]`` -> ``[..., h, w]`` with PIL's bicubic filter (what the published CLIP processors use), in float
+    (PIL resamples 8-bit images in 8 bits), clamped to [0, 1] as PIL's 8-bit output is."""
+    h, w = int(size[0]), int(size[1])
+    if tuple(images.shape[-2:]) == (h, w):
+        return images.float().clamp(0.0, 1.0)
+    x = images.float()
+    wh = torch.as_tensor(_bicubic_matrix(x.shape[-2], h), dtype=x.dtype, device=x.device)
+    ww = torch.as_tensor(_bicubic_matrix(x.shape[-1], w), dtype=x.dtype, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):  # float32 even under mixed precision
+        return (wh @ x @ ww.T).clamp(0.0, 1.0)
+
+
 def _size(value, key: str) -> int | None:
     if value is None:
         return None
@@ -164,33 +228,49 @@ def _size(value, key: str) -> int | None:
         return getattr(value, key, None)
 
 
-def clip_pixels(images: torch.Tensor, feature_extractor) -> torch.Tensor:
-    """CLIP input from images in [0, 1] ``[B, 3, H, W]``, with the feature extractor's values, in torch.
-
-    Shortest edge resized to ``size["shortest_edge"]`` (bicubic, antialiased), centre crop to ``crop_size``,
-    normalised by ``image_mean`` / ``image_std``.
-    """
+def _clip_geometry(h: int, w: int, feature_extractor) -> tuple[int, int, int, int, int, int]:
+    """CLIP processor geometry for an ``h x w`` image: resized size ``(nh, nw)`` (shortest edge to
+    ``size["shortest_edge"]``, the other floored as transformers does), crop offsets and crop size."""
     ch = _size(feature_extractor.crop_size, "height")
     cw = _size(feature_extractor.crop_size, "width") or ch
     short = _size(feature_extractor.size, "shortest_edge") or min(ch, cw)
-    h, w = images.shape[-2:]
-    s = short / min(h, w)
-    nh, nw = max(ch, round(h * s)), max(cw, round(w * s))
-    x = F.interpolate(images.float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (nh - ch) // 2, (nw - cw) // 2
-    x = x[..., top : top + ch, left : left + cw].clamp(0.0, 1.0)
-    mean = torch.tensor(feature_extractor.image_mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(feature_extractor.image_std, device=x.device).view(1, -1, 1, 1)
+    if h <= w:
+        nh, nw = short, int(short * w / h)
+    else:
+        nh, nw = int(short * h / w), short
+    nh, nw = max(nh, ch), max(nw, cw)
+    return nh, nw, (nh - ch) // 2, (nw - cw) // 2, ch, cw
+
+
+def _normalise(x: torch.Tensor, feature_extractor) -> torch.Tensor:
+    mean = torch.tensor(feature_extractor.image_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(feature_extractor.image_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
+def clip_pixels(images: torch.Tensor, feature_extractor) -> torch.Tensor:
+    """CLIP input from images in [0, 1] ``[B, 3, H, W]`` with the feature extractor's values, in torch: shortest edge
+    resized to ``size["shortest_edge"]`` (PIL's bicubic filter), centre crop to ``crop_size``, normalised by
+    ``image_mean`` / ``image_std``."""
+    nh, nw, top, left, ch, cw = _clip_geometry(*images.shape[-2:], feature_extractor)
+    x = bicubic_resize(images, (nh, nw))[..., top : top + ch, left : left + cw]
+    return _normalise(x, feature_extractor)
+
+
 def make_sampler(name: str, config):
-    """Inference scheduler over the training schedule: ``euler_a`` (Euler-ancestral) or ``ddim``, trailing spacing."""
+    """Inference scheduler ``euler_a`` (Euler-ancestral) or ``ddim`` over a scheduler config as it is (betas,
+    prediction type, timestep spacing: trailing in every config this project writes; ddim without sample clipping)."""
     if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+        return EulerAncestralDiscreteScheduler.from_config(config)
     if name == "ddim":
-        return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False)
+        return DDIMScheduler.from_config(config, clip_sample=False)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def training_scheduler(config) -> DDPMScheduler:
+    """The DDPM noise schedule training adds noise with, from a (sampler's) scheduler config: the same betas and
+    prediction type (as the published pipeline builds its training scheduler from the folder's)."""
+    return DDPMScheduler(**{k: config[k] for k in SCHEDULE_KEYS if k in config})
 
 
 # ---------------------------------------------------------------------------------------------------- conditioner
@@ -217,38 +297,103 @@ class GlobalConditioner(ModelMixin, ConfigMixin):
 
 
 # ------------------------------------------------------------------------------------------------------ input
-def to_condition_tensor(image, size: int) -> torch.Tensor:
-    """PIL image(s) / uint8 or float arrays / tensors in [0, 1] -> ``[B, 3, size, size]`` float in [0, 1].
+def _rgb(image: Image.Image) -> Image.Image:
+    """RGB as published: RGBA (and other modes with alpha) pasted with its alpha on uint8 gray 127."""
+    if image.mode == "RGB":
+        return image
+    rgba = image.convert("RGBA")
+    out = Image.new("RGB", rgba.size, (COMPOSITE_LEVEL,) * 3)
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
 
-    RGBA images are composited on gray; non-square images are padded to a square with gray, then resized.
-    """
+
+def _square_pil(image: Image.Image) -> Image.Image:
+    w, h = image.size
+    if w == h:
+        return image
+    m = max(w, h)
+    out = Image.new("RGB", (m, m), (COMPOSITE_LEVEL,) * 3)
+    out.paste(image, ((m - w) // 2, (m - h) // 2))
+    return out
+
+
+def _square_tensor(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if h == w:
+        return x
+    m = max(h, w)
+    top, left = (m - h) // 2, (m - w) // 2
+    return F.pad(x, (left, m - w - left, top, m - h - top), value=COMPOSITE_LEVEL / 255.0)
+
+
+def _originals(image) -> list:
+    """Condition input(s) -> RGB originals: 8-bit PIL images (PIL input, uint8 arrays) or float tensors
+    ``[N, 3, H, W]`` in [0, 1] (tensors, float arrays), composited on gray and padded to squares, not resized."""
     if isinstance(image, (list, tuple)):
-        return torch.cat([to_condition_tensor(im, size) for im in image])
+        if not image:
+            raise ValueError("empty list of condition images")
+        return [o for im in image for o in _originals(im)]
     if isinstance(image, Image.Image):
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        x = torch.from_numpy(rgba[..., :3] * rgba[..., 3:] + GRAY * (1.0 - rgba[..., 3:])).permute(2, 0, 1)[None]
-    elif isinstance(image, np.ndarray):
-        arr = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
-        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        return [_square_pil(_rgb(image))]
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"array images must be [H, W, 3|4], got shape {image.shape}")
+        if image.dtype == np.uint8:
+            return [_square_pil(_rgb(Image.fromarray(np.ascontiguousarray(image))))]
+        arr = image.astype(np.float32)
         if arr.shape[-1] == 4:
-            arr = arr[..., :3] * arr[..., 3:] + GRAY * (1.0 - arr[..., 3:])
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]
-    elif isinstance(image, torch.Tensor):
+            arr = arr[..., :3] * arr[..., 3:] + COMPOSITE_LEVEL / 255.0 * (1.0 - arr[..., 3:])
+        return [_square_tensor(torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None]).clamp(0.0, 1.0)]
+    if isinstance(image, torch.Tensor):
         x = image[None] if image.ndim == 3 else image
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"tensor images must be [3, H, W] or [B, 3, H, W] in [0, 1], got {tuple(image.shape)}")
-        x = x.float()
-    else:
-        raise TypeError(f"unsupported condition image type {type(image).__name__}")
-    h, w = x.shape[-2:]
-    if h != w:
-        m = max(h, w)
-        top, left = (m - h) // 2, (m - w) // 2
-        x = F.pad(x, (left, m - w - left, top, m - h - top), value=GRAY)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.clamp(0.0, 1.0)
+        return [_square_tensor(x.float()).clamp(0.0, 1.0)]
+    raise TypeError(f"unsupported condition image type {type(image).__name__}")
+
+
+def _pil_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def condition_inputs(image, cond_size: int, feature_extractor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Condition input(s) -> (reference images ``[B, 3, cond_size, cond_size]`` in [0, 1], CLIP input).
+
+    As the published pipeline's two feature extractors: the reference image is the original resized to
+    ``cond_size`` with the bicubic filter (``feature_extractor_vae``); the CLIP input is made from the original
+    (not the resized reference) by the CLIP processor's resize / crop / normalisation. PIL images and uint8 arrays are
+    resized by PIL itself, in 8 bits, exactly as the published processors do; tensors and float arrays by
+    :func:`bicubic_resize`, the same filter in float.
+    """
+    refs, clips = [], []
+    for item in _originals(image):
+        if isinstance(item, Image.Image):
+            refs.append(_pil_tensor(item.resize((cond_size, cond_size), Image.Resampling.BICUBIC)))
+            nh, nw, top, left, ch, cw = _clip_geometry(item.height, item.width, feature_extractor)
+            x = _pil_tensor(item.resize((nw, nh), Image.Resampling.BICUBIC))[..., top : top + ch, left : left + cw]
+            clips.append(_normalise(x, feature_extractor))
+        else:
+            refs.append(bicubic_resize(item, (cond_size, cond_size)))
+            clips.append(clip_pixels(item, feature_extractor))
+    return torch.cat(refs), torch.cat(clips)
+
+
+def global_condition(image_encoder, conditioner: GlobalConditioner, clip_input: torch.Tensor) -> torch.Tensor:
+    """CLIP input -> encoder hidden states of the conditional branch: empty prompt + ramp x CLIP image embedding."""
+    pixels = clip_input.to(device=image_encoder.device, dtype=image_encoder.dtype)
+    embeds = image_encoder(pixel_values=pixels).image_embeds
+    return conditioner(embeds.to(device=conditioner.empty_prompt.device, dtype=conditioner.dtype))
+
+
+def unconditional_condition(
+    conditioner: GlobalConditioner, vae, batch: int, size: int, generator=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The condition of the unconditional branch, for classifier-free guidance in sampling and for the dropped
+    samples of training's condition dropout: (the plain empty-prompt embedding -- no image term -- ``[batch, 77, D]``,
+    the reference latent of a gray ``size x size`` image -- zero in the VAE's [-1, 1] input, as published)."""
+    hidden = conditioner.empty_prompt.expand(batch, -1, -1)
+    gray = torch.full((batch, 3, size, size), GRAY, device=vae.device, dtype=vae.dtype)
+    return hidden, encode_reference(vae, gray, generator)
 
 
 @dataclass
@@ -294,12 +439,23 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         )
         self.register_to_config(view_size=view_size, cond_size=cond_size, condition_concat=condition_concat)
 
-    def encode_condition(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Condition images in [0, 1] -> (encoder hidden states [B, 77, D], reference latents [B, C, h, w])."""
-        pixels = clip_pixels(images, self.feature_extractor).to(device=self.image_encoder.device)
-        embeds = self.image_encoder(pixel_values=pixels.to(self.image_encoder.dtype)).image_embeds
-        hidden = self.conditioner(embeds.to(self.conditioner.dtype))
-        return hidden.to(self.unet.dtype), encode_reference(self.vae, images.to(self.vae.device))
+    @torch.no_grad()
+    def encode_condition(
+        self, image, cond_size: int | None = None, guided: bool = True, generator=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition input(s) -> (encoder hidden states ``[N, 77, D]``, reference latents ``[N, C, h, w]``): with
+        ``guided``, the unconditional branch (:func:`unconditional_condition`) then the conditional one along the
+        batch (N = 2B), else the conditional branch alone. The posterior samples are drawn from ``generator``: the
+        conditional reference first, then the unconditional one (the published order)."""
+        cond_size = int(cond_size or self.config.cond_size)
+        refs, clip_input = condition_inputs(image, cond_size, self.feature_extractor)
+        hidden = global_condition(self.image_encoder, self.conditioner, clip_input)
+        ref = encode_reference(self.vae, refs.to(self.vae.device), generator)
+        if guided:
+            u_hidden, u_ref = unconditional_condition(self.conditioner, self.vae, refs.shape[0], cond_size, generator)
+            hidden, ref = torch.cat([u_hidden, hidden]), torch.cat([u_ref, ref])
+        device = self._execution_device
+        return hidden.to(device=device, dtype=self.unet.dtype), ref.to(device=device, dtype=self.unet.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -316,8 +472,9 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         """Generate the six views of ``image`` (PIL / array / tensor in [0, 1], or a list of them).
 
         ``view_size``: pixels per generated view (default: the trained size in the config); ``cond_size``: size the
-        condition is resized to; ``sampler``: ``"euler_a"`` (Euler-ancestral) or ``"ddim"``, trailing spacing;
-        ``guidance_scale`` <= 1 turns classifier-free guidance off; ``output_type``: ``"pil"`` or ``"pt"``.
+        reference image is resized to (the CLIP input is made from the original); ``sampler``: ``"euler_a"``
+        (Euler-ancestral) or ``"ddim"``, over the stored scheduler's config (trailing spacing where this project wrote
+        it); ``guidance_scale`` <= 1 turns classifier-free guidance off; ``output_type``: ``"pil"`` or ``"pt"``.
         """
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
@@ -331,16 +488,14 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={value} must be a multiple of the VAE downsampling factor {factor}")
         single = not isinstance(image, (list, tuple)) and not (isinstance(image, torch.Tensor) and image.ndim == 4)
         device = self._execution_device
-        cond = to_condition_tensor(image, cond_size).to(device)
-        batch = cond.shape[0]
         guided = guidance_scale > 1.0
-        if guided:  # unconditional branch: a gray condition image (both the reference latent and the CLIP embedding)
-            cond = torch.cat([torch.full_like(cond, GRAY), cond])
-        hidden, ref_latents = self.encode_condition(cond)
-        ref_latents = ref_latents.to(self.unet.dtype)
+        hidden, ref_latents = self.encode_condition(image, cond_size, guided, generator)
+        batch = hidden.shape[0] // 2 if guided else hidden.shape[0]
         concat = (None, None)
-        if self.config.condition_concat:
-            concat = concat_condition(self.vae, cond.to(self.vae.device), view_size)
+        if self.config.condition_concat:  # the unconditional branch's condition is the gray image here too
+            refs, _ = condition_inputs(image, cond_size, self.feature_extractor)
+            refs = torch.cat([torch.full_like(refs, GRAY), refs]) if guided else refs
+            concat = concat_condition(self.vae, refs.to(self.vae.device), view_size)
 
         scheduler = make_sampler(sampler, self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)

@@ -3,10 +3,12 @@ pipeline. The method's facts (schedule, conditioning, normalisation, recipe) are
 
     one2345pp train --stage multiview --config experiments/tiny/multiview.yaml [key=value ...]
 
-Training step: condition dropout (a gray condition image, probability ``train.cond_dropout``) and a random resize of
-the condition to a square size in ``[train.cond_size_min, train.cond_size_max]`` (snapped to multiples of the
-UNet's total downsampling, 64 px for SD2) -> global condition (CLIP image embedding added to the stored empty-prompt
-embedding with the learned ramp) and reference latent (VAE posterior mean, unscaled) -> target latents (posterior
+Training step: global condition (CLIP image embedding of the condition added to the stored empty-prompt embedding
+with the learned ramp) and reference latent (VAE posterior sample, unscaled, of the condition resized with the bicubic
+filter to a random square size in ``[train.cond_size_min, train.cond_size_max]``, snapped to multiples of the UNet's
+total downsampling, 64 px for SD2); condition dropout (probability ``train.cond_dropout``) gives a sample the
+sampler's unconditional branch instead (``unconditional_condition``: the plain empty-prompt embedding and the
+reference latent of a gray image) -> target latents (posterior
 sample, Zero123++ normalisation) noised with DDPM noise at t ~ U{0..999} -> reference latent noised to the same t
 with fresh noise -> record pass + read pass -> MSE against the v-target, optionally Min-SNR-gamma weighted
 (``min(SNR, gamma) / (SNR + 1)`` for v-prediction).
@@ -34,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 from lightning.pytorch import LightningModule
 from omegaconf import DictConfig
 
@@ -44,13 +45,16 @@ from one2345pp.models.multiview_builders import MultiViewComponents, MultiViewMo
 from one2345pp.models.multiview_pipeline import (
     GRAY,
     SAMPLERS,
-    TRAIN_SCHEDULE,
     MultiViewDiffusionPipeline,
+    bicubic_resize,
     clip_pixels,
     concat_condition,
     encode_reference,
     encode_target,
+    global_condition,
     scale_image,
+    training_scheduler,
+    unconditional_condition,
     unscale_image,
     vae_scale_factor,
     with_condition_channels,
@@ -334,7 +338,7 @@ class MultiViewModule(LightningModule):
         self.unet, self.vae, self.image_encoder, self.conditioner = c.unet, c.vae, c.image_encoder, c.conditioner
         self.feature_extractor = c.feature_extractor
         self.sampler_scheduler = c.scheduler
-        self.noise_scheduler = DDPMScheduler(**TRAIN_SCHEDULE)
+        self.noise_scheduler = training_scheduler(self.sampler_scheduler.config)  # the folder's schedule
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
         self.size_multiple = vae_scale_factor(self.vae) * 2 ** (len(self.unet.config.block_out_channels) - 1)
         lo = math.ceil(cfg.train.cond_size_min / self.size_multiple)
@@ -390,14 +394,17 @@ class MultiViewModule(LightningModule):
         return self.ema.applied(self) if self.ema is not None else nullcontext(self)
 
     # ---------------------------------------------------------------------------------------------- diffusion
-    def encode_condition(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Condition images in [0, 1] -> (encoder hidden states [B, 77, D], reference latents), as the pipeline."""
-        pixels = clip_pixels(images, self.feature_extractor).to(self.image_encoder.dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train.image_encoder_trainable):
-            embeds = self.image_encoder(pixel_values=pixels).image_embeds
+    def encode_condition(
+        self, images: torch.Tensor, size: int | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition images in [0, 1] -> (encoder hidden states [B, 77, D], reference latents), as the pipeline: the
+        CLIP input from the images as given, the reference from them resized (bicubic) to ``size`` (default: as
+        given)."""
+        # (a frozen image encoder has requires_grad off: no graph through it)
+        hidden = global_condition(self.image_encoder, self.conditioner, clip_pixels(images, self.feature_extractor))
         with torch.no_grad():
-            ref = encode_reference(self.vae, images)
-        return self.conditioner(embeds.to(self.conditioner.dtype)), ref
+            ref = encode_reference(self.vae, bicubic_resize(images, (size, size)) if size else images, generator)
+        return hidden, ref
 
     def diffusion_targets(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
         """(noisy latents x_t, v-target) of the training schedule."""
@@ -417,11 +424,27 @@ class MultiViewModule(LightningModule):
         k = int(torch.randint(lo // self.size_multiple, hi // self.size_multiple + 1, (), generator=generator))
         return k * self.size_multiple
 
-    def prepare_condition(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training augmentation: gray condition with probability ``cond_dropout``, random square resize."""
+    def prepare_condition(
+        self, cond: torch.Tensor, generator: torch.Generator | None = None, augment: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(encoder hidden states, reference latents, reference images) of a batch of conditions. ``augment``
+        (training): the reference from a random square resize, and with probability ``cond_dropout`` a sample gets
+        the sampler's unconditional branch (:func:`unconditional_condition`: plain empty-prompt embedding, gray-image
+        reference; the gray image is also what ``model.condition_concat`` concatenates for it)."""
+        if not augment:
+            return (*self.encode_condition(cond, generator=generator), cond)
         drop = _rand((cond.shape[0],), generator, cond.device, randn=False) < self.cfg.train.cond_dropout
-        cond = torch.where(drop[:, None, None, None], torch.full_like(cond, GRAY), cond)
-        return _resize(cond, self.random_cond_size(generator))
+        size = self.random_cond_size(generator)
+        hidden, ref = self.encode_condition(cond, size, generator)
+        images = bicubic_resize(cond, (size, size))
+        if drop.any():
+            idx = drop.nonzero().flatten()
+            with torch.no_grad():
+                u_hidden, u_ref = unconditional_condition(self.conditioner, self.vae, len(idx), size, generator)
+            hidden = hidden.index_copy(0, idx, u_hidden.to(hidden.dtype))
+            ref = ref.index_copy(0, idx, u_ref.to(ref.dtype))
+            images = images.index_fill(0, idx, GRAY)
+        return hidden, ref, images
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None, augment: bool = True):
         """Loss of one batch (``cond`` [B, 3, Hc, Wc], ``target`` [B, 3, 3H, 2W], both in [0, 1]).
@@ -429,10 +452,8 @@ class MultiViewModule(LightningModule):
         Randomness (dropout, resize, timesteps, noise, posterior sample) comes from ``generator`` when given, else
         from the global RNG; ``augment=False`` (validation) keeps the condition as it is.
         """
-        cond, target = batch["cond"], batch["target"]
-        if augment:
-            cond = self.prepare_condition(cond, generator)
-        hidden, ref = self.encode_condition(cond)
+        hidden, ref, images = self.prepare_condition(batch["cond"], generator, augment)
+        target = batch["target"]
         with torch.no_grad():
             z0 = encode_target(self.vae, target, generator).float()
         b, device = z0.shape[0], z0.device
@@ -444,7 +465,7 @@ class MultiViewModule(LightningModule):
         ref_t = noisy_reference(ref, t, _rand(ref.shape, generator, device), self.alphas_cumprod)
         if self.cfg.model.condition_concat:
             with torch.no_grad():
-                grid, own = concat_condition(self.vae, cond, target.shape[-1] // 2)  # one view of the 3x2 grid
+                grid, own = concat_condition(self.vae, images, target.shape[-1] // 2)  # one view of the 3x2 grid
             x_t, ref_t = with_condition_channels(x_t, grid), with_condition_channels(ref_t, own)
         pred = reference_forward(self.unet, x_t, t, hidden, ref_t)
         per_sample = (pred.float() - v.float()).square().mean(dim=(1, 2, 3))
