@@ -163,7 +163,9 @@ class _Document:
             idx_dtype = np.dtype(_DTYPES[idx_info["componentType"]]).newbyteorder("<")
             n = int(sparse["count"])
             idx = np.frombuffer(self.view_bytes(idx_info["bufferView"]), idx_dtype, n, idx_info.get("byteOffset", 0))
-            vals = np.frombuffer(self.view_bytes(val_info["bufferView"]), dtype, n * ncomp, val_info.get("byteOffset", 0))
+            vals = np.frombuffer(
+                self.view_bytes(val_info["bufferView"]), dtype, n * ncomp, val_info.get("byteOffset", 0)
+            )
             arr[idx.astype(np.int64)] = vals.reshape(n, ncomp)
         if acc.get("normalized") and dtype.kind in "iu":
             info = np.iinfo(dtype)
@@ -313,7 +315,9 @@ def _draco_primitive(doc: _Document, prim: dict) -> tuple[dict[str, np.ndarray],
         if att is None:
             continue
         data = np.asarray(att["data"])
-        ncomp = _NCOMP.get(doc.list("accessors")[prim["attributes"][name]]["type"], 1) if name in prim["attributes"] else 1
+        ncomp = (
+            _NCOMP.get(doc.list("accessors")[prim["attributes"][name]]["type"], 1) if name in prim["attributes"] else 1
+        )
         data = data.reshape(len(data), -1) if data.ndim > 1 else data.reshape(-1, ncomp)
         acc = doc.list("accessors")[prim["attributes"][name]] if name in prim["attributes"] else {}
         if acc.get("normalized") and data.dtype.kind in "iu":
@@ -342,7 +346,7 @@ def read_gltf(path: str | Path) -> Mesh:
     materials = _MaterialReader(doc)
     parts: list[Mesh] = []
     skipped: set[str] = set()
-    stack = [(int(r), np.eye(4), 0) for r in roots]
+    stack = [(int(r), np.eye(4), 0) for r in reversed(roots)]  # depth first, in the file's order
     while stack:
         i, parent, depth = stack.pop()
         if depth > 256:
@@ -356,7 +360,7 @@ def read_gltf(path: str | Path) -> Mesh:
                     skipped.add(part)
                 elif part is not None:
                     parts.append(part)
-        stack.extend((int(c), world, depth + 1) for c in node.get("children", []))
+        stack.extend((int(c), world, depth + 1) for c in reversed(node.get("children", [])))
     if not parts:
         what = ", ".join(sorted(skipped)) or "no mesh primitives"
         raise MeshError(path, f"not a triangle mesh (contains {what})")
@@ -437,7 +441,12 @@ class _Builder:
 
     def accessor(self, arr: np.ndarray, ctype: int, kind: str, target: int, bounds: bool = False) -> int:
         arr = np.ascontiguousarray(arr)
-        entry = {"bufferView": self.view(arr.tobytes(), target), "componentType": ctype, "count": len(arr), "type": kind}
+        entry = {
+            "bufferView": self.view(arr.tobytes(), target),
+            "componentType": ctype,
+            "count": len(arr),
+            "type": kind,
+        }
         if bounds:
             entry["min"] = arr.min(0).tolist()
             entry["max"] = arr.max(0).tolist()

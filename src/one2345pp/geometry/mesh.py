@@ -86,7 +86,9 @@ class Material:
         self.texture = _as_texture(self.texture, f"material {self.name!r}: texture")
         self.emissive_texture = _as_texture(self.emissive_texture, f"material {self.name!r}: emissive texture")
         if self.alpha_mode not in ALPHA_MODES:
-            raise ValueError(f"material {self.name!r}: alpha_mode must be one of {ALPHA_MODES}, got {self.alpha_mode!r}")
+            raise ValueError(
+                f"material {self.name!r}: alpha_mode must be one of {ALPHA_MODES}, got {self.alpha_mode!r}"
+            )
         self.unlit, self.double_sided = bool(self.unlit), bool(self.double_sided)
         self.alpha_cutoff = float(self.alpha_cutoff)
 
