@@ -13,6 +13,11 @@ STAMP       := $(VENV)/.installed
 # The Khronos glTF validator (npm) that the texture tests and exports are checked with; kept out of git in .gl/.
 GLTF_VALIDATOR ?= gltf-validator@2.0.0-dev.3.10
 GL_STAMP    := .gl/.installed
+# Blender as a Python module, in a virtualenv of its own (about 1 GB), for `make bench-blender` only.
+BLENDER_VENV    ?= .venv-blender
+BPY_SPEC        ?= bpy==5.0.1
+BLENDER_BASE_PY ?= python3.11
+.PHONY: bench-blender
 
 STAGE       ?=
 CONFIG      ?=
@@ -119,6 +124,10 @@ bench-recon: $(STAMP) ## train tiny coarse+fine, reconstruct 16 held-out objects
 
 bench-texture: $(STAMP) $(GL_STAMP) ## texture refinement seconds, bake, held-out PSNR (CPU / nvdiffrast)
 	$(PY) benchmarks/bench_texture.py $(ARGS)
+
+bench-blender: $(STAMP) ## Blender (bpy, Cycles CPU) vs the ray caster: silhouette IoU, colour difference, seconds per object
+	test -x $(BLENDER_VENV)/bin/python || ($(BLENDER_BASE_PY) -m venv $(BLENDER_VENV) && $(BLENDER_VENV)/bin/pip install $(BPY_SPEC))
+	$(PY) benchmarks/bench_blender.py --blender-python $(BLENDER_VENV)/bin/python $(ARGS)
 
 bench-pipeline: $(STAMP) ## seconds per stage for one image: the demo's tiny pipeline (CPU), full preset (CUDA)
 	$(PY) benchmarks/bench_pipeline.py $(ARGS)

@@ -75,10 +75,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         items = procedural_items(cfg.procedural, args.objects, tmp / "meshes")
-        times = [time_object(lambda it=it: it.load(cfg.procedural), it.uid, cfg, renderer) for it in items]
+        times = [time_object(lambda it=it: it.load(cfg.procedural, cfg.up_axis), it.uid, cfg, renderer) for it in items]
         rows["procedural (1 core)"] = {k: float(np.mean([t[k] for t in times])) for k in times[0]}
         save_mesh(textured_sphere(), tmp / "big" / "sphere.glb")
-        big = [time_object(lambda: load_mesh(tmp / "big" / "sphere.glb"), f"big{i}", cfg, renderer) for i in range(2)]
+        big_path = tmp / "big" / "sphere.glb"
+        def load_big():
+            return load_mesh(big_path, up_axis=cfg.up_axis)
+
+        big = [time_object(load_big, f"big{i}", cfg, renderer) for i in range(2)]
         rows["100k-face textured (1 core)"] = {k: float(np.mean([t[k] for t in big])) for k in big[0]}
         res = build_shards("procedural", tmp / "built", cfg, num_objects=args.builder_objects,
                            workers=args.workers, progress=False)

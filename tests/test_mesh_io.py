@@ -85,9 +85,11 @@ def test_glb_scene_is_flattened_with_transforms(tmp_path):
     moved[:3, 3] = (5.0, 0.0, 0.0)
     scene.add_geometry(trimesh.Trimesh(v, f), node_name="b", transform=moved)
     scene.export(tmp_path / "scene.glb")
-    mesh = load_mesh(tmp_path / "scene.glb")
+    mesh = load_mesh(tmp_path / "scene.glb", up_axis="z")  # the file's own coordinates
     assert mesh.num_faces == 2 * len(f)
     np.testing.assert_allclose(mesh.vertices.max(0), [5.5, 0.25, 0.125], atol=1e-6)
+    upright = load_mesh(tmp_path / "scene.glb")  # glTF is +Y up: (x, y, z) -> (x, -z, y)
+    np.testing.assert_allclose(upright.vertices, mesh.vertices[:, [0, 2, 1]] * [1, -1, 1], atol=1e-12)
 
 
 def test_off_and_gso_texture_fallback(tmp_path):

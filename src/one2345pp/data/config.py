@@ -19,6 +19,9 @@ class RenderConfig:
     light_elevation_deg: float = 55.0
     random_lighting: bool = False  # per object: random light direction (upper hemisphere) and ambient in [0.3, 0.6]
     threads: int = 0  # open3d ray-casting threads, 0 = all (the shard builder sets 1 per worker process)
+    # single-sided glTF materials: False draws the back of their faces too, as Blender's Cycles does (the reference
+    # the renderings follow, and what the occupancy volume holds); True culls them as a real-time glTF viewer does
+    cull_back_faces: bool = False
 
 
 @dataclass
@@ -52,6 +55,9 @@ class ShardConfig:
 
 @dataclass
 class DataConfig:
+    # Up axis of the mesh files: "auto" (glTF / GLB +Y up, turned +Z up as Blender's importer does; OBJ, PLY, OFF,
+    # STL +Z up as Google Scanned Objects are), or "y" / "z" for every file of the build (geometry/mesh_io.py).
+    up_axis: str = "auto"
     normalize_extent: float = 0.9  # longest bounding-box side after normalisation, inside the cube [-0.5, 0.5]^3
     layout: str = "zero123pp-v1.2"
     distance: float | None = None  # None: the framing distance of the layout's FoV (cameras.framing_distance)

@@ -8,7 +8,8 @@ Fields (the shard format every stage reads; keys of the returned dict are WebDat
 * ``cams.json``: ``{"fov_deg", "resolution", "layout", "samples": [{"cond": CAM, "views": [6 x CAM]}, ...]}``;
 * ``occ.npz``: ``occ`` uint8 [R, R, R] indexed [x, y, z] (coarse occupancy shell);
 * ``fine.npz``: ``coords`` int16 [M, 3], ``sdf`` float32 [M] (normalised units), ``rgb`` uint8 [M, 3];
-* ``meta.json``: uid, source, normalisation scale and offset, shell threshold, SDF truncation, package version.
+* ``meta.json``: uid, source, up axis (``up_axis``: the build's setting, ``up_axis_file``: the axis the file was
+  read with), normalisation scale and offset, shell threshold, SDF truncation, package version.
 
 Per-object randomness (condition poses, random lighting) comes from ``(data.seed, crc32(uid))``, so a sample is the
 same whichever worker or rank builds it.
@@ -27,7 +28,7 @@ import numpy as np
 from .. import __version__
 from ..cameras import Camera, framing_distance, get_layout, multiview_cameras, tile
 from ..geometry.mesh import Mesh
-from ..geometry.mesh_io import normalize
+from ..geometry.mesh_io import normalize, resolve_up_axis
 from ..geometry.volumes import compute_volumes
 from ..rendering.base import light_from_config
 from .config import DataConfig
@@ -121,6 +122,8 @@ def build_sample(mesh: Mesh, uid: str, source: str, cfg: DataConfig, renderer, t
     meta = {
         "uid": uid,
         "source": source,
+        "up_axis": cfg.up_axis,
+        "up_axis_file": resolve_up_axis(source, cfg.up_axis) if source else None,
         "normalize_scale": float(scale),
         "normalize_offset": [float(x) for x in offset],
         "normalize_extent": cfg.normalize_extent,

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from ..cameras import get_layout
 from ..config import ConfigError, config_diff, save_config
 from ..geometry.mesh import MeshError
+from ..geometry.mesh_io import resolve_up_axis
 from .config import DataConfig
 from .sources import SourceItem, list_items
 
@@ -160,7 +161,7 @@ def _process(item: SourceItem):
 
     cfg = _WORKER["cfg"]
     try:
-        mesh = item.load(cfg.procedural)
+        mesh = item.load(cfg.procedural, cfg.up_axis)
         fields, _ = build_sample(mesh, item.uid, mesh.source, cfg, _WORKER["renderer"], _WORKER["threads"])
     except MeshError as exc:
         return item, None, exc.reason, None
@@ -249,6 +250,7 @@ def _check_settings(cfg: DataConfig) -> None:
     from ..rendering.raycast import RaycastRenderer
 
     get_layout(cfg.layout)
+    resolve_up_axis("model.glb", cfg.up_axis)  # an unknown up axis fails here
     RaycastRenderer(cfg.render)
     if cfg.cond_samples < 1:
         raise ValueError(f"data.cond_samples must be >= 1, got {cfg.cond_samples}")

@@ -9,8 +9,10 @@ or hub id that is set but cannot be loaded is an error before any object is eval
 
 Choices the method leaves open, written down here:
 
-- Input view: a rendering at azimuth ``input.azimuth_deg`` (0: the mesh's +X side, the object's "front" in the
-  mesh's own +Z-up frame, which is how the shard builder reads GSO and procedural meshes) and elevation
+- Meshes are read with the shard builder's loader and up-axis rule (``up_axis``, as ``data.up_axis``: GSO's OBJ
+  files +Z up, GLB files +Y up turned +Z up), so ground-truth renders match the training renders.
+- Input view: a rendering at azimuth ``input.azimuth_deg`` (0: the +X side of the mesh in the project's +Z-up
+  frame; for a glTF asset, whose front faces -Y after reading, its left side) and elevation
   ``input.elevation_deg`` (20, inside the [-10, 40] range the condition views were trained on), at the pipeline's
   camera distance and FoV and its preprocessing size, RGBA so the pipeline takes the alpha as its mask.
 - Ground truth is normalised as the shard builder does it (bounding box centred, longest side = the pipeline's
@@ -91,6 +93,7 @@ class PipelineCallConfig:
 
 @dataclass
 class EvalConfig:
+    up_axis: str = "auto"  # up axis of the mesh files, as data.up_axis: auto (by format), y or z
     seed: int = 0  # the pipeline's seed for every object (results do not depend on the order of objects)
     points: int = 100_000  # surface samples per mesh for F-Score / Chamfer
     tau: float = 0.05  # F-Score threshold in the unit bounding box

@@ -45,7 +45,7 @@ from ..cameras import Camera, get_layout
 from ..config import ConfigError, config_diff, load_config, save_config, to_object
 from ..data.sources import SourceItem, gso_items, procedural_items
 from ..geometry.mesh import Mesh, MeshError
-from ..geometry.mesh_io import normalize
+from ..geometry.mesh_io import normalize, resolve_up_axis
 from .config import RUN_ONLY_KEYS, EvalConfig
 from .report import _json_value, normalize_rows, summarize, write_report
 
@@ -192,7 +192,7 @@ def evaluate_object(item: SourceItem, pipe, scorer, cfg: EvalConfig, out_dir: Pa
     call = {k: v for k, v in dataclasses.asdict(cfg.pipeline).items() if v is not None}
     step = "load"
     try:
-        mesh = item.load(cfg.procedural)
+        mesh = item.load(cfg.procedural, cfg.up_axis)
         row["source"] = mesh.source or item.path
         step = "ground truth"
         gt = frame_ground_truth(mesh, pipe.settings.extent, cfg.input.azimuth_deg)
@@ -306,6 +306,7 @@ def evaluate_dataset(
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     cfg = load_eval_config(overrides, config_path)
+    resolve_up_axis("model.glb", cfg.up_axis)  # an unknown up axis fails before anything is written
     pipeline_dir, out = Path(pipeline_dir), Path(out_dir)
     index = _check_pipeline_dir(pipeline_dir)
     items = list_objects(dataset, input_dir, cfg, out)

@@ -7,10 +7,17 @@ A :class:`Mesh` is a triangle soup with indexed vertices plus everything needed 
 * ``corner_colors`` [F, 3, 4]: RGBA per face corner in [0, 1] (vertex colours, or face colours repeated on the
   three corners), or ``None``;
 * ``face_material`` [F] indexing ``materials``; a :class:`Material` has a base colour factor (RGBA in [0, 1]) and
-  an optional base-colour texture (uint8 [H, W, 3|4]).
+  an optional base-colour texture (uint8 [H, W, 3|4]), an emissive colour (and texture), an ``unlit`` flag, an
+  alpha mode and a double-sided flag (the glTF material model, see :class:`Material`).
 
-The colour of a surface point is ``base_color * texture(uv) * corner_color`` (each factor present or 1), as in the
-glTF metallic-roughness model's base colour. Per-corner attributes avoid vertex splitting at UV seams.
+All colours held here are display (sRGB-encoded) values in [0, 1], as the texture bytes are: readers of formats that
+store linear values (glTF factors and COLOR_0) convert them when reading (:mod:`one2345pp.geometry.gltf`).
+
+The albedo of a surface point is ``base_color * texture(uv) * corner_color`` (each factor present or 1), as in the
+glTF metallic-roughness model's base colour; its emission is ``emissive * emissive_texture(uv)``. A renderer shows
+``albedo * shading + emission`` (``albedo + emission`` for unlit materials); the colour of the surface itself (the
+fine volume's colours) is ``albedo + emission``, clipped to [0, 1] (:meth:`Mesh.display_color`). Per-corner
+attributes avoid vertex splitting at UV seams.
 
 Barycentric coordinates follow open3d's ``primitive_uvs``: ``(b1, b2)`` with the point at
 ``(1 - b1 - b2) * v0 + b1 * v1 + b2 * v2``.
@@ -32,23 +39,62 @@ class MeshError(ValueError):
         super().__init__(f"{source}: {reason}")
 
 
+ALPHA_MODES = ("OPAQUE", "MASK", "BLEND")
+
+
+def _as_texture(tex, what: str) -> np.ndarray | None:
+    if tex is None:
+        return None
+    tex = np.asarray(tex)
+    if tex.ndim == 2:
+        tex = np.repeat(tex[..., None], 3, axis=-1)
+    if tex.dtype != np.uint8:
+        raise TypeError(f"{what} must be uint8, got {tex.dtype}")
+    return np.ascontiguousarray(tex)
+
+
 @dataclass
 class Material:
+    """A surface material (glTF's model; every colour a display value in [0, 1]).
+
+    * ``base_color`` RGBA factor times ``texture`` (sampled at the face UVs) times the corner colours: the albedo;
+    * ``emissive`` RGB factor times ``emissive_texture`` (same UVs): light the surface gives off, added to the shaded
+      albedo (a material with a black base colour and its colour in emission shows that colour);
+    * ``unlit``: the albedo is shown as it is, without shading (glTF ``KHR_materials_unlit``);
+    * ``alpha_mode``: ``OPAQUE`` (alpha ignored), ``MASK`` (alpha >= ``alpha_cutoff`` is opaque, below it
+      invisible) or ``BLEND`` (alpha is coverage; surfaces behind show through). The default ``BLEND`` keeps the
+      alpha of meshes made in code; the glTF reader uses the file's mode (``OPAQUE`` when absent);
+    * ``double_sided``: both sides are meant to be seen. Renderers draw the back of single-sided faces too unless
+      asked to cull them (``render.cull_back_faces``), as Blender's Cycles does.
+    """
+
     name: str = "default"
     base_color: np.ndarray = field(default_factory=lambda: np.array([0.8, 0.8, 0.8, 1.0], dtype=np.float32))
     texture: np.ndarray | None = None  # uint8 [H, W, 3|4]
+    emissive: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.float32))
+    emissive_texture: np.ndarray | None = None  # uint8 [H, W, 3|4], sampled at the face UVs
+    unlit: bool = False
+    alpha_mode: str = "BLEND"
+    alpha_cutoff: float = 0.5
+    double_sided: bool = True
 
     def __post_init__(self):
         self.base_color = np.asarray(self.base_color, dtype=np.float32).reshape(-1)
         if self.base_color.shape[0] == 3:
             self.base_color = np.concatenate([self.base_color, [1.0]]).astype(np.float32)
-        if self.texture is not None:
-            tex = np.asarray(self.texture)
-            if tex.ndim == 2:
-                tex = np.repeat(tex[..., None], 3, axis=-1)
-            if tex.dtype != np.uint8:
-                raise TypeError(f"material {self.name!r}: texture must be uint8, got {tex.dtype}")
-            self.texture = np.ascontiguousarray(tex)
+        self.emissive = np.asarray(self.emissive, dtype=np.float32).reshape(-1)[:3]
+        self.texture = _as_texture(self.texture, f"material {self.name!r}: texture")
+        self.emissive_texture = _as_texture(self.emissive_texture, f"material {self.name!r}: emissive texture")
+        if self.alpha_mode not in ALPHA_MODES:
+            raise ValueError(
+                f"material {self.name!r}: alpha_mode must be one of {ALPHA_MODES}, got {self.alpha_mode!r}"
+            )
+        self.unlit, self.double_sided = bool(self.unlit), bool(self.double_sided)
+        self.alpha_cutoff = float(self.alpha_cutoff)
+
+    @property
+    def emits(self) -> bool:
+        return bool(self.emissive.max() > 0)
 
 
 def sample_texture(texture: np.ndarray, uv: np.ndarray) -> np.ndarray:
@@ -148,25 +194,57 @@ class Mesh:
 
     # --- appearance -----------------------------------------------------------------------------------------
     def surface_color(self, face_ids: np.ndarray, bary: np.ndarray) -> np.ndarray:
-        """RGBA float32 [N, 4] in [0, 1] at the surface points given by face ids and barycentrics (b1, b2)."""
+        """Albedo RGBA float32 [N, 4] in [0, 1] at the surface points given by face ids and barycentrics (b1, b2);
+        alpha is the coverage after the material's alpha mode (1 for OPAQUE, 0 or 1 for MASK)."""
+        return self.surface_appearance(face_ids, bary)[0]
+
+    def surface_appearance(self, face_ids: np.ndarray, bary: np.ndarray):
+        """``(albedo RGBA [N, 4], emission RGB [N, 3] or None, unlit bool [N] or None)`` at surface points (see
+        :meth:`surface_color`); ``None`` where no material of the mesh emits / is unlit."""
         face_ids = np.asarray(face_ids, dtype=np.int64).reshape(-1)
         n = len(face_ids)
         out = np.ones((n, 4), dtype=np.float32)
+        emits = any(m.emits for m in self.materials)
+        emission = np.zeros((n, 3), dtype=np.float32) if emits else None
+        unlit = np.zeros(n, dtype=bool) if any(m.unlit for m in self.materials) else None
         if n == 0:
-            return out
+            return out, emission, unlit
         w = _bary_weights(np.asarray(bary).reshape(-1, 2))
+        if self.corner_colors is not None:
+            out *= np.einsum("nk,nkc->nc", w, self.corner_colors[face_ids])
         mat_ids = self.face_material[face_ids]
         for m_id in np.unique(mat_ids):
             sel = np.nonzero(mat_ids == m_id)[0]
             mat = self.materials[int(m_id)]
             col = np.broadcast_to(mat.base_color, (len(sel), 4)).copy()
-            if mat.texture is not None and self.face_uvs is not None:
+            uv = None
+            if self.face_uvs is not None and (mat.texture is not None or mat.emissive_texture is not None):
                 uv = np.einsum("nk,nkc->nc", w[sel], self.face_uvs[face_ids[sel]])
+            if mat.texture is not None and uv is not None:
                 col *= sample_texture(mat.texture, uv)
+            col *= out[sel]
+            if mat.alpha_mode == "OPAQUE":
+                col[:, 3] = 1.0
+            elif mat.alpha_mode == "MASK":
+                col[:, 3] = (col[:, 3] >= mat.alpha_cutoff).astype(np.float32)
             out[sel] = col
-        if self.corner_colors is not None:
-            out *= np.einsum("nk,nkc->nc", w, self.corner_colors[face_ids])
-        return out
+            if emission is not None and mat.emits:
+                em = np.broadcast_to(mat.emissive, (len(sel), 3)).copy()
+                if mat.emissive_texture is not None and uv is not None:
+                    em *= sample_texture(mat.emissive_texture, uv)[:, :3]
+                emission[sel] = em
+            if unlit is not None and mat.unlit:
+                unlit[sel] = True
+        return out, emission, unlit
+
+    def display_color(self, face_ids: np.ndarray, bary: np.ndarray) -> np.ndarray:
+        """RGB float32 [N, 3]: the colour of the surface itself, ``albedo + emission`` clipped to [0, 1] (what the
+        fine volume stores; independent of lighting)."""
+        albedo, emission, _ = self.surface_appearance(face_ids, bary)
+        rgb = albedo[:, :3]
+        if emission is not None:
+            rgb = np.clip(rgb + emission, 0.0, 1.0)
+        return rgb
 
     # --- checks ---------------------------------------------------------------------------------------------
     def validate(self) -> None:

@@ -1,13 +1,27 @@
-"""Reading and writing mesh files (OBJ+MTL+textures, GLB/glTF, PLY, OFF, STL) through trimesh.
+"""Reading and writing mesh files: GLB/glTF with :mod:`one2345pp.geometry.gltf`, OBJ+MTL+textures, PLY, OFF and
+STL through trimesh.
 
-Reading flattens scenes with their node transforms into one :class:`~one2345pp.geometry.mesh.Mesh`, keeping per part
-its base-colour texture and factor (glTF PBR), OBJ ``map_Kd`` textures, and vertex or face colours. For OBJ materials
-with a ``map_Kd`` texture the diffuse factor ``Kd`` is ignored (exporters commonly write 0.8 beside a texture); glTF
-multiplies ``baseColorFactor`` with the texture as the specification says.
+Reading flattens scenes with their node transforms into one :class:`~one2345pp.geometry.mesh.Mesh` in the project's
+frame, +Z up. glTF files are read as a glTF viewer shows them (vertex colours, texture transforms, unlit and
+emissive materials, alpha modes: see :mod:`one2345pp.geometry.gltf`). Other formats keep per part OBJ ``map_Kd``
+textures and vertex or face colours, taken as display (sRGB) values; for OBJ materials with a ``map_Kd`` texture
+the diffuse factor ``Kd`` is ignored (exporters commonly write 0.8 beside a texture).
 
-Writing groups faces by material: a textured material becomes a glTF PBR material (or an MTL + PNG for OBJ), a
-material without texture carries its colour as a base-colour factor, and corner colours become vertex colours.
-Files are written to a temporary name (a temporary folder for OBJ with its sidecar files) and renamed into place.
+Up axis (``up_axis``, the build setting ``data.up_axis``): ``"auto"`` takes each format's convention, ``"y"`` or
+``"z"`` overrides it for every file.
+
+* glTF / GLB are +Y up with the asset's front towards +Z (the glTF 2.0 specification). They are turned +Z up as
+  Blender's importer does (through which Objaverse renderings, Zero123++'s training data among them, go):
+  ``(x, y, z) -> (x, -z, y)``. The asset's front then faces -Y: the camera at azimuth 270 (at -Y) sees the front,
+  the camera at azimuth 0 (at +X) sees the asset's left side (the side on the viewer's right when facing its front).
+* OBJ, PLY, OFF and STL are taken as +Z up and kept as they are: Google Scanned Objects are +Z up and Blender-based
+  GSO loaders import them with up axis Z. The project's own OBJ files are written in its frame.
+
+Writing: GLB in glTF's convention (:func:`one2345pp.geometry.gltf.gltf_bytes`: +Y up, linear factors and vertex
+colours), so the project's GLB files read back upright through the same rule; OBJ (+Z up, as read) groups faces by
+material: a textured material becomes an MTL + PNG, a material without texture its colour, corner colours vertex
+colours; PLY holds vertex colours. Files are written to a temporary name (a temporary folder for OBJ with its
+sidecar files) and renamed into place.
 """
 
 from __future__ import annotations
@@ -23,6 +37,27 @@ from .mesh import Material, Mesh, MeshError, concatenate
 
 READ_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".off", ".stl")
 WRITE_SUFFIXES = (".glb", ".obj", ".ply")
+UP_AXES = ("auto", "y", "z")
+GLTF_SUFFIXES = (".glb", ".gltf")
+
+
+def resolve_up_axis(path: str | os.PathLike, up_axis: str = "auto") -> str:
+    """The up axis (``"y"`` or ``"z"``) a file is read with: ``up_axis`` unless ``"auto"``, else the format's
+    convention (glTF / GLB: ``"y"``; every other format: ``"z"``)."""
+    if up_axis not in UP_AXES:
+        raise ValueError(f"up_axis must be one of {', '.join(UP_AXES)}, got {up_axis!r}")
+    if up_axis != "auto":
+        return up_axis
+    return "y" if Path(path).suffix.lower() in GLTF_SUFFIXES else "z"
+
+
+def y_up_to_z_up(mesh: Mesh) -> Mesh:
+    """``(x, y, z) -> (x, -z, y)``: a +Y-up mesh turned +Z up (a proper rotation; windings stay)."""
+    from dataclasses import replace
+
+    from .gltf import Y_UP_TO_Z_UP
+
+    return replace(mesh, vertices=mesh.vertices @ Y_UP_TO_Z_UP.T)
 
 
 def _as_rgba_factor(value) -> np.ndarray:
@@ -95,21 +130,44 @@ def _as_rgba_factor_rows(colors: np.ndarray) -> np.ndarray:
     return np.clip(c, 0.0, 1.0)
 
 
-def load_mesh(path: str | os.PathLike, texture_fallback: str | os.PathLike | None = None) -> Mesh:
-    """Read a mesh file into one :class:`Mesh`; raise :class:`MeshError` naming the file and the problem.
+def load_mesh(
+    path: str | os.PathLike, texture_fallback: str | os.PathLike | None = None, up_axis: str = "auto"
+) -> Mesh:
+    """Read a mesh file into one :class:`Mesh` in the project's +Z-up frame; raise :class:`MeshError` naming the
+    file and the problem.
 
     ``texture_fallback``: an image used for textured parts whose material names no readable texture (the Google
-    Scanned Objects layout keeps it at ``<name>/materials/textures/texture.png``).
+    Scanned Objects layout keeps it at ``<name>/materials/textures/texture.png``). ``up_axis``: ``"auto"`` (the
+    format's convention, see the module docstring), ``"y"`` or ``"z"``.
     """
-    import trimesh
-
     path = Path(path)
+    axis = resolve_up_axis(path, up_axis)
     if not path.is_file():
         raise MeshError(path, "file not found")
     if path.suffix.lower() not in READ_SUFFIXES:
         raise MeshError(path, f"unsupported file type {path.suffix!r}; readable: {', '.join(READ_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise MeshError(path, "empty file")
+    if path.suffix.lower() in GLTF_SUFFIXES:
+        from .gltf import read_gltf
+
+        try:
+            mesh = read_gltf(path)
+        except MeshError:
+            raise
+        except Exception as exc:  # a malformed file: missing keys, bad indices, ...
+            raise MeshError(path, f"unreadable: {type(exc).__name__}: {exc}") from exc
+    else:
+        mesh = _load_with_trimesh(path, texture_fallback)
+    if axis == "y":
+        mesh = y_up_to_z_up(mesh)
+    mesh.validate()
+    return mesh
+
+
+def _load_with_trimesh(path: Path, texture_fallback: str | os.PathLike | None) -> Mesh:
+    import trimesh
+
     try:
         geom = trimesh.load(path, process=False)
     except Exception as exc:  # trimesh raises many types for malformed files
@@ -120,9 +178,7 @@ def load_mesh(path: str | os.PathLike, texture_fallback: str | os.PathLike | Non
         kinds = sorted({type(g).__name__ for g in geoms}) or ["nothing"]
         raise MeshError(path, f"not a triangle mesh (contains {', '.join(kinds)})")
     fallback = Path(texture_fallback) if texture_fallback is not None else None
-    mesh = concatenate([_part_from_trimesh(g, str(path), fallback) for g in parts], source=str(path))
-    mesh.validate()
-    return mesh
+    return concatenate([_part_from_trimesh(g, str(path), fallback) for g in parts], source=str(path))
 
 
 def normalize(mesh: Mesh, extent: float = 0.9) -> tuple[Mesh, float, np.ndarray]:
@@ -200,15 +256,16 @@ def save_mesh(mesh: Mesh, path: str | os.PathLike) -> Path:
     if suffix not in WRITE_SUFFIXES:
         raise ValueError(f"cannot write {path}: supported types are {', '.join(WRITE_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    parts = to_trimesh_parts(mesh)
     if suffix == ".ply":
+        parts = to_trimesh_parts(mesh)
         if any(mat.texture is not None for mat in mesh.materials):
             raise ValueError(f"cannot write {path}: PLY keeps vertex colours only; write .glb or .obj for textures")
         data = trimesh.util.concatenate(parts).export(file_type="ply")
         _write_atomic(path, data)
     elif suffix == ".glb":
-        data = trimesh.Scene(parts).export(file_type="glb")
-        _write_atomic(path, data)
+        from .gltf import gltf_bytes
+
+        _write_atomic(path, gltf_bytes(mesh))
     else:  # OBJ with sidecar files: write everything into a temporary folder, then move the files into place
         tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
         try:

@@ -392,7 +392,7 @@ def compute_volumes(mesh: Mesh, cfg: VolumeConfig, threads: int = 0) -> Volumes:
     sign = grid.lookup(idx)
     walls = np.nonzero(sign == 0)[0]
     sign[walls] = _wall_signs(surface, grid, pts[walls], closest_all[rows][walls], idx[walls])
-    rgb = np.clip(np.round(mesh.surface_color(face, bary)[:, :3] * 255.0), 0, 255).astype(np.uint8)
+    rgb = np.clip(np.round(mesh.display_color(face, bary) * 255.0), 0, 255).astype(np.uint8)
 
     order = np.argsort((idx[:, 0] * fine + idx[:, 1]) * fine + idx[:, 2], kind="stable")
     occ = np.zeros((coarse,) * 3, dtype=np.uint8)

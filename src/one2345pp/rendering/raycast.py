@@ -8,6 +8,13 @@ between similarly coloured pixels looks the same after averaging, so it is not w
 ``edge_contrast=0`` supersamples every triangle edge). For odd ``s`` the centre ray is reused as the middle
 sub-sample.
 
+Materials (:class:`~one2345pp.geometry.mesh.Material`): ``albedo * shading + emission``, or ``albedo + emission``
+for unlit materials. Where the surface hit is not opaque (alpha below 1 after the material's alpha mode: a MASK
+texel under the cutoff, a BLEND surface, or the back of a single-sided face with ``render.cull_back_faces``), the
+ray goes on from just behind the hit, up to :data:`MAX_LAYERS` surfaces, and the layers are composited front to
+back; depth, normal and face id are those of the first surface with alpha above 0. Meshes whose surfaces are all
+opaque cast each ray once.
+
 Only the pixels inside the projected bounding box of the mesh (plus one pixel) are cast. Ray directions are
 scaled so that their camera-space z component is 1, so open3d's hit distance *is* the camera z-depth. The open3d
 scene and the normals are built once per mesh (keyed on the mesh object) and reused for every view of it.
@@ -33,6 +40,8 @@ __all__ = ["RaycastRenderer", "edge_pixels"]
 SMOOTH_NORMAL_AGREEMENT = 0.8  # the interpolated vertex normal is used where its dot with the face normal exceeds this
 COPLANAR_TOLERANCE = 1e-5  # faces whose unit normals have a dot product above 1 - this are coplanar
 PAIR_STRIDE = 1 << 31  # key of an unordered face pair: min(f, g) * PAIR_STRIDE + max(f, g)
+MAX_LAYERS = 8  # surfaces a ray passes through (transparent / masked / culled hits) before it stops
+STEP_PAST_HIT = 1e-5  # relative to the bounding-box diagonal: where a ray resumes behind a non-opaque hit
 
 
 @dataclass
@@ -47,6 +56,8 @@ class _MeshCache:
     face_normals: np.ndarray  # float32 [F, 3] unit
     corner_normals: np.ndarray  # float32 [F, 9] unit vertex normals of the three corners
     smooth_pairs: np.ndarray  # int64 sorted pair keys of faces joined by a seamless edge
+    single_sided: np.ndarray | None  # bool [F]: faces whose backs are culled (render.cull_back_faces), or None
+    step: float  # how far past a non-opaque hit a ray resumes
 
     def matches(self, mesh: Mesh) -> bool:
         return self.mesh_ref() is mesh and mesh.vertices is self.vertices and mesh.faces is self.faces
@@ -168,6 +179,7 @@ class RaycastRenderer(Renderer):
             raise ValueError(f"edge_contrast must be >= 0, got {edge_contrast}")
         self.edge_contrast = float(edge_contrast)
         self.threads = int(self.cfg.threads)
+        self.cull_back_faces = bool(getattr(self.cfg, "cull_back_faces", False))
         self._o3d = require("open3d")
         self._cache: _MeshCache | None = None
 
@@ -181,6 +193,9 @@ class RaycastRenderer(Renderer):
         vn = mesh.vertex_normals().astype(np.float32)
         fn = mesh.face_normals().astype(np.float32)
         adaptive = self.supersample > 1 and self.edge_contrast > 0
+        single = None
+        if self.cull_back_faces and not all(m.double_sided for m in mesh.materials):
+            single = ~np.array([m.double_sided for m in mesh.materials])[mesh.face_material]
         self._cache = _MeshCache(
             mesh_ref=weakref.ref(mesh),
             vertices=mesh.vertices,
@@ -190,6 +205,8 @@ class RaycastRenderer(Renderer):
             face_normals=fn,
             corner_normals=np.ascontiguousarray(vn[mesh.faces].reshape(-1, 9)),
             smooth_pairs=smooth_face_pairs(mesh, fn, vn) if adaptive else np.zeros(0, np.int64),
+            single_sided=single,
+            step=STEP_PAST_HIT * max(float(np.linalg.norm(hi - lo)), 1e-12),
         )
         return self._cache
 
@@ -235,10 +252,64 @@ class RaycastRenderer(Renderer):
         n *= np.where(back, np.float32(-1.0), np.float32(1.0))[:, None]  # two-sided: turn towards the camera
         ndotl = n @ light.direction.astype(np.float32)
         lambert = np.float32(light.ambient) + np.float32(light.diffuse) * np.maximum(ndotl, 0.0)
-        rgba = mesh.surface_color(face, bary)
+        rgba, emission, unlit = mesh.surface_appearance(face, bary)
+        if unlit is not None:
+            lambert[unlit] = 1.0
         rgba[:, :3] *= lambert[:, None]
+        if emission is not None:
+            rgba[:, :3] += emission
+        if data.single_sided is not None:
+            rgba[back & data.single_sided.take(face), 3] = 0.0
         np.clip(rgba, 0.0, 1.0, out=rgba)
         return rgba, n, back
+
+    def _trace(self, mesh: Mesh, data: _MeshCache, light: Light, origin: np.ndarray, dirs: np.ndarray):
+        """Cast and shade rays ``dirs`` [N, 3] from ``origin``, passing through non-opaque surfaces (module doc).
+
+        Returns (hit, depth, face, bary, straight RGBA [N, 4], normals [N, 3], back [N]) of the first surface with
+        alpha above 0; RGBA is the front-to-back composite of the layers the ray went through."""
+        n = len(dirs)
+        hit, depth, face, bary = self._cast(data.scene, origin, dirs)
+        idx = np.flatnonzero(hit)
+        rgba_h, normals_h, back_h = self._shade(mesh, data, light, face[idx], bary[idx], dirs[idx])
+        rgba = np.zeros((n, 4), dtype=np.float32)
+        normals = np.zeros((n, 3), dtype=np.float32)
+        back = np.zeros(n, dtype=bool)
+        rgba[idx], normals[idx], back[idx] = rgba_h, normals_h, back_h
+        rows = idx[rgba_h[:, 3] < 1.0]
+        if not len(rows):
+            return hit, depth, face, bary, rgba, normals, back
+        premult = rgba.copy()
+        premult[:, :3] *= rgba[:, 3:4]
+        unseen = rows[rgba[rows, 3] <= 0.0]  # first hit invisible: report the next visible surface instead
+        hit[unseen], face[unseen] = False, -1
+        travelled = depth[rows].astype(np.float64)
+        for _ in range(MAX_LAYERS - 1):
+            start = origin + dirs[rows] * (travelled + data.step)[:, None].astype(np.float32)
+            h2, t2, f2, b2 = self._cast(data.scene, start, dirs[rows])
+            keep = h2
+            rows, travelled = rows[keep], travelled[keep] + data.step + t2[keep]
+            f2, b2 = f2[keep], b2[keep]
+            if not len(rows):
+                break
+            c2, n2, back2 = self._shade(mesh, data, light, f2, b2, dirs[rows])
+            a_acc = premult[rows, 3]
+            w = (1.0 - a_acc) * c2[:, 3]
+            premult[rows, :3] += w[:, None] * c2[:, :3]
+            premult[rows, 3] = a_acc + w
+            first = ~hit[rows] & (c2[:, 3] > 0.0)
+            sel = rows[first]
+            hit[sel], depth[sel], face[sel], bary[sel] = True, travelled[first], f2[first], b2[first]
+            normals[sel], back[sel] = n2[first], back2[first]
+            still = premult[rows, 3] < 1.0 - 1e-6
+            rows, travelled = rows[still], travelled[still]
+            if not len(rows):
+                break
+        alpha = premult[:, 3:4]
+        rgba[:, :3] = np.divide(premult[:, :3], alpha, out=np.zeros_like(premult[:, :3]), where=alpha > 0)
+        rgba[:, 3] = premult[:, 3]
+        np.clip(rgba, 0.0, 1.0, out=rgba)
+        return hit, depth, face, bary, rgba, normals, back
 
     @staticmethod
     def _directions(camera: Camera, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -278,18 +349,12 @@ class RaycastRenderer(Renderer):
         # One ray through every pixel centre of the region of interest.
         vv, uu = np.mgrid[r0:r1, c0:c1]
         dirs = self._directions(camera, uu.ravel() + 0.5, vv.ravel() + 0.5)
-        hit, depth, face, bary = self._cast(data.scene, origin, dirs)
-        idx = np.flatnonzero(hit)
-        rgba_hit, normals_hit, back_hit = self._shade(mesh, data, light, face[idx], bary[idx], dirs[idx])
+        hit, depth, face, _, rgba, normals, back = self._trace(mesh, data, light, origin, dirs)
 
-        rgba = np.zeros((h * w, 4), dtype=np.float32)
-        rgba[idx] = rgba_hit
         s = self.supersample
         if s > 1:
             premult = rgba.copy()
             premult[:, :3] *= rgba[:, 3:4]
-            back = np.zeros(h * w, dtype=bool)
-            back[idx] = back_hit
             edge = edge_pixels(
                 face.reshape(h, w), premult.reshape(h, w, 4), self.edge_contrast, data.smooth_pairs, back.reshape(h, w)
             )
@@ -301,8 +366,6 @@ class RaycastRenderer(Renderer):
                 )
         rgba[rgba[:, 3] <= 0.0, :3] = self.background
 
-        normals = np.zeros((h * w, 3), dtype=np.float32)
-        normals[idx] = normals_hit
         depth[~hit] = 0.0
         out.rgba[r0:r1, c0:c1] = rgba.reshape(h, w, 4)
         out.depth[r0:r1, c0:c1] = depth.reshape(h, w)
@@ -335,12 +398,9 @@ class RaycastRenderer(Renderer):
         su = (u[:, None] + ox[None, :]).reshape(-1)
         sv = (v[:, None] + oy[None, :]).reshape(-1)
         dirs = self._directions(camera, su, sv)
-        hit, _, face, bary = self._cast(data.scene, origin, dirs)
-        idx = np.nonzero(hit)[0]
-        rgba_hit, _, _ = self._shade(mesh, data, light, face[idx], bary[idx], dirs[idx])
-        premult = np.zeros((len(su), 4), dtype=np.float32)
-        premult[idx, :3] = rgba_hit[:, :3] * rgba_hit[:, 3:4]
-        premult[idx, 3] = rgba_hit[:, 3]
+        rgba = self._trace(mesh, data, light, origin, dirs)[4]
+        premult = rgba.copy()
+        premult[:, :3] *= rgba[:, 3:4]
         total = premult.reshape(len(u), k, 4).sum(axis=1)
         if reuse:
             total += centre_premult
