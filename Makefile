@@ -31,11 +31,20 @@ DEMO_DIR    ?= outputs/demo
 GSO_DIR     ?=
 PIPELINE    ?=
 EVAL_OUT    ?= outputs/eval-gso
+# the shipped tiny multi-view model (make ship-multiview) and the held-out objects it is measured on
+SHIPPED_MULTIVIEW ?= checkpoints/tiny/multiview
+SHIP_N      ?= 1024
+SHIP_STEPS  ?= 4000
+SHIP_DATA   ?= data/ship-multiview
+FOLLOW_SEED ?= 3000
+FOLLOW_DATA ?= data/heldout-follow
+FOLLOW_OUT  ?= outputs/bench-multiview-follow
 SWEEP       ?=
 TRIALS      ?= 4
 
 .PHONY: help setup system-deps test demo data train-stage sweep export eval-gso lint clean \
-        bench-data bench-multiview bench-sparse bench-recon bench-texture bench-pipeline
+        bench-data bench-multiview bench-sparse bench-recon bench-texture bench-pipeline bench-multiview-follow \
+        ship-multiview
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -128,6 +137,26 @@ bench-texture: $(STAMP) $(GL_STAMP) ## texture refinement seconds, bake, held-ou
 bench-blender: $(STAMP) ## Blender (bpy, Cycles CPU) vs the ray caster: silhouette IoU, colour difference, seconds per object
 	test -x $(BLENDER_VENV)/bin/python || ($(BLENDER_BASE_PY) -m venv $(BLENDER_VENV) && $(BLENDER_VENV)/bin/pip install $(BPY_SPEC))
 	$(PY) benchmarks/bench_blender.py --blender-python $(BLENDER_VENV)/bin/python $(ARGS)
+
+bench-multiview-follow: $(STAMP) ## does stage 1 follow its input: held-out identification, mask IoU, PSNR, cond_gain [PIPELINE=export]
+	@test -f $(FOLLOW_DATA)/manifest.jsonl || $(CLI) data build --source procedural --num-objects 16 \
+		--out $(FOLLOW_DATA) --config experiments/tiny/data.yaml --workers $(WORKERS) \
+		data.procedural.seed=$(FOLLOW_SEED) data.cond_samples=1
+	$(PY) benchmarks/bench_multiview_follow.py --pipeline $(if $(PIPELINE),$(PIPELINE),$(SHIPPED_MULTIVIEW)/export) \
+		--shards '$(FOLLOW_DATA)/shard-*.tar' --out $(FOLLOW_OUT) $(ARGS)
+
+ship-multiview: $(STAMP) ## retrain the shipped tiny multi-view model -> checkpoints/tiny/multiview (+ MODEL_CARD.md)
+	$(CLI) data build --source procedural --num-objects $(SHIP_N) --out $(SHIP_DATA) \
+		--config experiments/tiny/data.yaml --workers $(WORKERS)
+	@run=checkpoints/multiview/ship; resume=$$(test -f $$run/ckpts/last.ckpt && echo run.resume=last); \
+	start=$$(date +%s); \
+	$(CLI) train --stage multiview --config experiments/tiny/multiview.yaml data.train_shards=$(SHIP_DATA) \
+		run.name=ship trainer.max_steps=$(SHIP_STEPS) $$resume $(ARGS) || exit 1; \
+	seconds=$$(( $$(date +%s) - start )); \
+	$(MAKE) --no-print-directory bench-multiview-follow PIPELINE=$$run/export ARGS= || exit 1; \
+	$(PY) tools/ship_run.py --run $$run --data $(SHIP_DATA) --bench $(FOLLOW_OUT)/follow.json \
+		--train-seconds $$seconds --out $(SHIPPED_MULTIVIEW) \
+		--command "make ship-multiview SHIP_N=$(SHIP_N) SHIP_STEPS=$(SHIP_STEPS) $(ARGS)"
 
 bench-pipeline: $(STAMP) ## seconds per stage for one image: the demo's tiny pipeline (CPU), full preset (CUDA)
 	$(PY) benchmarks/bench_pipeline.py $(ARGS)

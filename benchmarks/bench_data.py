@@ -57,8 +57,14 @@ def time_object(load_fn, uid: str, cfg, renderer) -> dict:
     with wds.TarWriter(buf, encoder=False) as w:
         w.write({"__key__": uid, **fields})
     t_write = time.perf_counter() - t1 + t.encode
-    return {"load": t_load + t.normalize, "render": t.render, "volumes": t.volumes, "write": t_write,
-            "faces": mesh.num_faces, "bytes": len(buf.getvalue())}
+    return {
+        "load": t_load + t.normalize,
+        "render": t.render,
+        "volumes": t.volumes,
+        "write": t_write,
+        "faces": mesh.num_faces,
+        "bytes": len(buf.getvalue()),
+    }
 
 
 def main() -> None:
@@ -79,18 +85,22 @@ def main() -> None:
         rows["procedural (1 core)"] = {k: float(np.mean([t[k] for t in times])) for k in times[0]}
         save_mesh(textured_sphere(), tmp / "big" / "sphere.glb")
         big_path = tmp / "big" / "sphere.glb"
+
         def load_big():
             return load_mesh(big_path, up_axis=cfg.up_axis)
 
         big = [time_object(load_big, f"big{i}", cfg, renderer) for i in range(2)]
         rows["100k-face textured (1 core)"] = {k: float(np.mean([t[k] for t in big])) for k in big[0]}
-        res = build_shards("procedural", tmp / "built", cfg, num_objects=args.builder_objects,
-                           workers=args.workers, progress=False)
+        res = build_shards(
+            "procedural", tmp / "built", cfg, num_objects=args.builder_objects, workers=args.workers, progress=False
+        )
         builder = {"objects": res.done, "seconds": res.seconds, "objects_per_s": res.done / res.seconds}
 
-    print(f"data pipeline, K={cfg.cond_samples}, views {cfg.view_resolution} px, "
-          f"{cfg.volume.coarse_resolution}^3 / {cfg.volume.coarse_resolution * cfg.volume.fine_factor}^3; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(
+        f"data pipeline, K={cfg.cond_samples}, views {cfg.view_resolution} px, "
+        f"{cfg.volume.coarse_resolution}^3 / {cfg.volume.coarse_resolution * cfg.volume.fine_factor}^3; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
     cols = ["faces", "load", "render", "volumes", "write", "total s", "obj/s/core"]
     head = f"{'input':30s} " + " ".join(f"{c:>10s}" for c in cols)
     print(head)
@@ -100,10 +110,22 @@ def main() -> None:
         r["total"], r["objects_per_s_per_core"] = total, 1.0 / total
         vals = [r["load"], r["render"], r["volumes"], r["write"], total]
         print(f"{name:30s} {r['faces']:10.0f} " + " ".join(f"{v:10.3f}" for v in vals) + f" {1 / total:10.2f}")
-    print(f"whole builder: {builder['objects']} procedural objects with {args.workers} workers in "
-          f"{builder['seconds']:.1f} s = {builder['objects_per_s']:.2f} objects/s")
-    print(json.dumps({"bench": "data", "rows": rows, "builder": builder, "workers": args.workers,
-                      "cond_samples": cfg.cond_samples, "view_resolution": cfg.view_resolution}))
+    print(
+        f"whole builder: {builder['objects']} procedural objects with {args.workers} workers in "
+        f"{builder['seconds']:.1f} s = {builder['objects_per_s']:.2f} objects/s"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "data",
+                "rows": rows,
+                "builder": builder,
+                "workers": args.workers,
+                "cond_samples": cfg.cond_samples,
+                "view_resolution": cfg.view_resolution,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ def read_heldout(patterns: list[str], limit: int | None) -> list[dict]:
             for member in tar:
                 uid, _, name = member.name.partition(".")
                 if name in ("cond0.png", "mv0.png"):
-                    samples.setdefault(uid, {})[name] = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())))
+                    samples.setdefault(uid, {})[name] = np.asarray(
+                        Image.open(io.BytesIO(tar.extractfile(member).read()))
+                    )
     out = []
     for uid, fields in list(samples.items())[:limit]:
         if set(fields) != {"cond0.png", "mv0.png"}:
@@ -79,6 +81,17 @@ def read_heldout(patterns: list[str], limit: int | None) -> list[dict]:
         on_gray = grid[..., :3] * grid[..., 3:] + GRAY * (1.0 - grid[..., 3:])
         out.append({"uid": uid, "cond": fields["cond0.png"], "grid": torch.from_numpy(on_gray).permute(2, 0, 1)})
     return out
+
+
+def heldout_seed(patterns: list[str]) -> int | None:
+    """The procedural seed of the held-out shards (their folder's config.yaml), when it is there."""
+    from omegaconf import OmegaConf
+
+    first = sorted(p for pattern in patterns for p in glob.glob(pattern))[0]
+    config = Path(first).parent / "config.yaml"
+    if not config.is_file():
+        return None
+    return int(OmegaConf.select(OmegaConf.load(config), "data.procedural.seed", default=-1))
 
 
 def condition_images(samples: list[dict], size: int) -> torch.Tensor:
@@ -182,8 +195,10 @@ def condition_response(pipe, cond: torch.Tensor, grids: torch.Tensor, gamma: flo
             t = torch.randint(lo, hi, (n,), generator=g)
             z0 = encode_target(pipe.vae, grids, g).float()
             noise, ref_noise = torch.randn(z0.shape, generator=g), torch.randn(own[1].shape, generator=g)
-            losses = {k: _losses(pipe, enc, z0, t, noise, ref_noise) for k, enc in
-                      (("own", own), ("other", other), ("uncond", uncond))}
+            losses = {
+                k: _losses(pipe, enc, z0, t, noise, ref_noise)
+                for k, enc in (("own", own), ("other", other), ("uncond", uncond))
+            }
             for k, v in losses.items():
                 rows[(lo, hi)][k].append(v)
             snr = acp[t] / (1 - acp[t])
@@ -193,8 +208,16 @@ def condition_response(pipe, cond: torch.Tensor, grids: torch.Tensor, gamma: flo
     buckets = []
     for (lo, hi), r in rows.items():
         own_l, other_l, un_l = (float(torch.cat(r[k]).mean()) for k in ("own", "other", "uncond"))
-        buckets.append({"t": f"{lo}-{hi - 1}", "own": own_l, "other": other_l, "uncond": un_l,
-                        "gain_other": (other_l - own_l) / other_l, "gain_uncond": (un_l - own_l) / un_l})
+        buckets.append(
+            {
+                "t": f"{lo}-{hi - 1}",
+                "own": own_l,
+                "other": other_l,
+                "uncond": un_l,
+                "gain_other": (other_l - own_l) / other_l,
+                "gain_uncond": (un_l - own_l) / un_l,
+            }
+        )
     own_w, other_w = float(torch.cat(weighted["own"]).mean()), float(torch.cat(weighted["other"]).mean())
     return {"cond_gain": (other_w - own_w) / other_w, "buckets": buckets}
 
@@ -219,6 +242,7 @@ def reference_attention_share(pipe, cond: torch.Tensor, grids: torch.Tensor, t_v
                 uniform = (context.shape[1] - n_target) / context.shape[1]
                 shares.setdefault(proc.name, []).append({"t": t_now, "share": share, "uniform": uniform})
             return originals[id(proc)](attn, hidden, context, mask, temb)
+
         return attend
 
     enc = encode(pipe, cond, g)
@@ -234,8 +258,14 @@ def reference_attention_share(pipe, cond: torch.Tensor, grids: torch.Tensor, t_v
     finally:
         for p in processors:
             p._attend = originals[id(p)]
-    return [{"layer": name.replace(".processor", ""), **{f"t{r['t']}": round(r["share"], 4) for r in rows},
-             "uniform": round(rows[0]["uniform"], 4)} for name, rows in shares.items()]
+    return [
+        {
+            "layer": name.replace(".processor", ""),
+            **{f"t{r['t']}": round(r["share"], 4) for r in rows},
+            "uniform": round(rows[0]["uniform"], 4),
+        }
+        for name, rows in shares.items()
+    ]
 
 
 @torch.no_grad()
@@ -297,13 +327,24 @@ def main(argv=None) -> dict:
         raise ValueError(f"need at least 2 held-out objects, got {len(samples)}")
     cond = condition_images(samples, int(pipe.config.cond_size))
     truth = torch.stack([s["grid"] for s in samples]).float()
-    out = pipe(cond, num_inference_steps=args.steps, guidance_scale=args.guidance,
-               generator=torch.Generator().manual_seed(args.seed), output_type="pt")
+    out = pipe(
+        cond,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="pt",
+    )
     generated = out.grid.float()
     if generated.shape != truth.shape:
-        raise ValueError(f"generated grids {tuple(generated.shape)} and ground truth {tuple(truth.shape)} differ "
-                         "in size: build the held-out shards with the pipeline's view size")
-    result = {"pipeline": str(args.pipeline), **follow_metrics(generated, truth)}
+        raise ValueError(
+            f"generated grids {tuple(generated.shape)} and ground truth {tuple(truth.shape)} differ "
+            "in size: build the held-out shards with the pipeline's view size"
+        )
+    result = {
+        "pipeline": str(args.pipeline),
+        "heldout_seed": heldout_seed(args.shards),
+        **follow_metrics(generated, truth),
+    }
     gamma = args.gamma if args.gamma > 0 else None
     response = condition_response(pipe, cond, truth, gamma, args.draws, args.seed)
     result["cond_gain"] = response["cond_gain"]
@@ -338,15 +379,19 @@ def print_table(r: dict) -> None:
     for name, value, target in rows:
         print(f"| {name:38s} | {value:>9s} | {target} |")
     for b in r.get("loss_buckets", []):
-        print(f"  t {b['t']:>8s}: v-loss own {b['own']:.4f} other {b['other']:.4f} uncond {b['uncond']:.4f}  "
-              f"gain vs other {b['gain_other']:+.3f} vs uncond {b['gain_uncond']:+.3f}")
+        print(
+            f"  t {b['t']:>8s}: v-loss own {b['own']:.4f} other {b['other']:.4f} uncond {b['uncond']:.4f}  "
+            f"gain vs other {b['gain_other']:+.3f} vs uncond {b['gain_uncond']:+.3f}"
+        )
     for a in r.get("reference_attention", []):
         print(f"  ref attention {a['layer']}: " + " ".join(f"{k}={v}" for k, v in a.items() if k != "layer"))
     if "vae" in r:
         print(f"  VAE {r['vae']['latent_shape']}: PSNR {r['vae']['psnr']:.2f} dB, mask IoU {r['vae']['mask_iou']:.3f}")
     if "clip" in r:
-        print(f"  CLIP cosine between objects: embeddings {r['clip']['embedding_cosine']:.3f}, "
-              f"hidden states {r['clip']['hidden_cosine']:.3f}")
+        print(
+            f"  CLIP cosine between objects: embeddings {r['clip']['embedding_cosine']:.3f}, "
+            f"hidden states {r['clip']['hidden_cosine']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ images:
 train:
   multiview:
     config: {REPO}/experiments/tiny/multiview.yaml
+    pretrained: null
     max_steps: 2
     overrides: [model.view_size=32, model.cond_size=32, train.cond_size_min=32, train.cond_size_max=32,
                 val.num_images=1, val.num_inference_steps=2, data.view_resolution=32, data.cond_resolution=32,

@@ -604,3 +604,47 @@ def test_validation_reports_how_much_the_condition_explains():
         other = float(m.compute_loss(swapped, generator=torch.Generator().manual_seed(m.cfg.val.seed), augment=False))
     assert logged["val/cond_gain"] != 0.0
     assert logged["val/cond_gain"] == pytest.approx((other - logged["val/loss"]) / other, rel=1e-5)
+
+
+def test_condition_concat_hands_the_condition_to_every_tile_and_travels_with_the_export(tmp_path):
+    """model.condition_concat (the tiny preset's departure from the method): the clean condition latent, in the
+    targets' normalisation, fills each of the six tiles of extra UNet input channels; a dropped condition is the
+    gray image there too; the flag is stored in the export and checked when a folder is loaded."""
+    from one2345pp.models.multiview_pipeline import GRAY, concat_condition
+
+    m = module("model.condition_concat=true", "ema.enabled=false")
+    latent = m.vae.config.latent_channels
+    assert m.unet.config.in_channels == 2 * latent and m.unet.config.out_channels == latent
+    cond = images(2, 48, 48, seed=3)
+    with torch.no_grad():
+        grid, own = concat_condition(m.vae, cond, 32)
+        small = torch.nn.functional.interpolate(cond, size=(32, 32), mode="bilinear", antialias=True)
+        z = m.vae.encode((small * 2 - 1) * 0.5 / 0.8).latent_dist.mode()  # the target images' scaling
+        expected = (z * m.vae.config.scaling_factor - 0.22) * 0.75  # the target latents' normalisation
+    assert grid.shape == (2, latent, 12, 8) and own.shape == (2, latent, 6, 6)
+    for r in range(3):
+        for c in range(2):
+            torch.testing.assert_close(grid[..., 4 * r : 4 * r + 4, 4 * c : 4 * c + 4], expected, rtol=1e-4, atol=1e-5)
+
+    m.compute_loss(batch_of()).backward()  # the extra input channels learn
+    assert m.unet.conv_in.weight.grad[:, latent:].abs().sum() > 0
+    dropped = module("model.condition_concat=true", "train.cond_dropout=1.0")
+    _, _, imgs = dropped.prepare_condition(images(2, 32, 32, seed=1), torch.Generator().manual_seed(0))
+    assert torch.all(imgs == GRAY)
+
+    kw = {"num_inference_steps": 2, "guidance_scale": 4.0, "output_type": "pt"}
+    a = m.sample(cond[0], generator=torch.Generator().manual_seed(1), **kw).grid
+    b = m.sample(cond[1], generator=torch.Generator().manual_seed(1), **kw).grid
+    assert (a - b).abs().max() > 1e-3  # another input, another output
+    out = m.export_pipeline(tmp_path / "export")
+    pipe = MultiViewDiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.condition_concat is True
+    torch.testing.assert_close(
+        pipe(cond[0], generator=torch.Generator().manual_seed(1), **kw).grid, a, atol=1e-4, rtol=0
+    )
+    with pytest.raises(ValueError, match="condition_concat"):
+        build_components(MultiViewModelConfig(pretrained=str(out), condition_concat=False))
+    assert (
+        build_components(MultiViewModelConfig(pretrained=str(out), condition_concat=True)).unet.config.in_channels == 8
+    )

@@ -128,8 +128,9 @@ def test_rank_partitions_are_disjoint_and_complete(tmp_path):
     n, world = 5, 2
     seen = []
     for rank in range(world):
-        res = build_shards("procedural", tmp_path, tiny_cfg(), num_objects=n, rank=rank, world_size=world,
-                           progress=False)
+        res = build_shards(
+            "procedural", tmp_path, tiny_cfg(), num_objects=n, rank=rank, world_size=world, progress=False
+        )
         assert all(int(name[6:12]) % world == rank for name in res.shards)
         seen.append({r["uid"] for r in Manifest(tmp_path / "manifest.jsonl").load().values()})
     from one2345pp.data.procedural import object_uid
@@ -152,9 +153,21 @@ def test_bad_meshes_are_recorded_and_the_job_goes_on(tmp_path, capsys):
     (src / "flat.obj").write_text("v 0 0 0\nv 1 0 0\nv 2 0 0\nf 1 2 3\n")
     (src / "empty.glb").write_bytes(b"")
     out = tmp_path / "out"
-    args = ["data", "build", "--source", "folder", "--input", str(src), "--out", str(out), "--no-progress",
-            f"data.view_resolution={RES}", f"data.cond_resolution={RES}", "data.cond_samples=1",
-            "data.volume.coarse_resolution=16"]
+    args = [
+        "data",
+        "build",
+        "--source",
+        "folder",
+        "--input",
+        str(src),
+        "--out",
+        str(out),
+        "--no-progress",
+        f"data.view_resolution={RES}",
+        f"data.cond_resolution={RES}",
+        "data.cond_samples=1",
+        "data.volume.coarse_resolution=16",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "done 1 / skipped 0 / failed 4" in printed
@@ -214,8 +227,14 @@ def test_a_torn_manifest_line_does_not_swallow_the_next_record(tmp_path):
 def test_impossible_settings_fail_before_anything_is_written(tmp_path, workers):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="blue"):
-        build_shards("procedural", out, tiny_cfg(render=RenderConfig(background="blue")), num_objects=2,
-                     workers=workers, progress=False)
+        build_shards(
+            "procedural",
+            out,
+            tiny_cfg(render=RenderConfig(background="blue")),
+            num_objects=2,
+            workers=workers,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="unknown camera layout"):
         build_shards("procedural", out, tiny_cfg(layout="zero123"), num_objects=2, workers=workers, progress=False)
     assert not out.exists()

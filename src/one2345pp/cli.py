@@ -121,6 +121,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     )
     d.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default: outputs/demo)")
     d.add_argument("--force", action="store_true", help="remove the demo's earlier outputs in OUT and redo every step")
+    d.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="train every stage in the demo instead of using the shipped tiny multi-view model "
+        "(sets train.<stage>.pretrained=null)",
+    )
     _add_config_args(d)
 
     e = sub.add_parser(
@@ -303,8 +309,12 @@ def cmd_eval_mesh(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .demo.config import STAGE_NAMES
 
-    return run_demo(args.out, args.config, args.overrides, force=args.force)
+    overrides = list(args.overrides)
+    if args.from_scratch:
+        overrides += [f"train.{name}.pretrained=null" for name in STAGE_NAMES]
+    return run_demo(args.out, args.config, overrides, force=args.force)
 
 
 def cmd_sweep(args) -> int:

@@ -200,9 +200,7 @@ def build_shards(
     mine = items[rank::world_size]
     manifest = Manifest(out / MANIFEST)
     held = manifest.load()
-    todo = [
-        it for it in mine if it.uid not in held or (retry_failed and held[it.uid].get("status") == "failed")
-    ]
+    todo = [it for it in mine if it.uid not in held or (retry_failed and held[it.uid].get("status") == "failed")]
     result = BuildResult(skipped=len(mine) - len(todo))
     writer = ShardWriter(out, rank, world_size, cfg.shards.max_samples, manifest)
     t0 = time.perf_counter()

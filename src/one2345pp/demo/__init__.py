@@ -12,7 +12,9 @@ Steps (``OUT/logs/<step>.log`` holds each one's output; progress lines are echoe
    ``run.root=OUT/checkpoints``, ``run.name=demo``, ``data.train_shards=OUT/data``, the demo's step count and
    overrides; ``jobs`` at a time, each with ``threads`` torch threads (default ``cores // jobs``): the small models
    of the tiny presets gain little from a second thread, so two single-threaded stages side by side use two cores
-   better than one two-threaded stage after the other;
+   better than one two-threaded stage after the other. A stage with ``train.<stage>.pretrained`` (by default the
+   multi-view stage: the shipped ``checkpoints/tiny/multiview``) is not trained: its run folder is copied to
+   ``OUT/checkpoints/<stage>/demo`` instead; ``one2345pp demo --from-scratch`` trains all four;
 4. ``export``: ``one2345pp export --multiview --coarse --fine --texture`` -> ``OUT/pipeline/``;
 5. ``infer`` (the held-out images -> ``OUT/infer/<name>/``: mesh.glb, views.png, turntable.png, result.json) beside
    ``eval`` (``one2345pp eval --dataset procedural`` on ``eval.num_objects`` held-out objects -> ``OUT/eval/``:
@@ -44,7 +46,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..config import ConfigError, config_diff, load_config, save_config, to_object
-from .config import RUN_ONLY_KEYS, STAGE_NAMES, DemoConfig, DemoStageConfig, load_demo_config
+from .config import RUN_ONLY_KEYS, SHIPPED_FILES, STAGE_NAMES, DemoConfig, DemoStageConfig, load_demo_config
 from .heldout import FOLDER as HELDOUT
 from .heldout import INDEX as HELDOUT_INDEX
 from .heldout import SHARDS as HELDOUT_SHARDS
@@ -150,6 +152,25 @@ def _stage_task(cfg: DemoConfig, out: Path, name: str, threads: int) -> Task:
     return Task(f"train-{name}", argv, outputs, lambda: stage_summary(name, run), ("data",), threads)
 
 
+def _shipped_step(out: Path, name: str, shipped: Path):
+    """The step that stands for ``train-<name>`` when the stage comes shipped: the run folder is copied to where a
+    demo-trained run would be (a temporary name, then renamed), so the export, the report and a rerun read it alike."""
+
+    def step():
+        dest = out / "checkpoints" / name / RUN_NAME
+        tmp = dest.with_name(f".tmp-{RUN_NAME}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(shipped, tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        rel = f"checkpoints/{name}/{RUN_NAME}"
+        summary = f"shipped model {shipped} ({shipped / 'MODEL_CARD.md'}); {stage_summary(name, dest)}"
+        return [f"{rel}/{f}" for f in SHIPPED_FILES[name]], summary, None
+
+    return step
+
+
 def _data_task(name: str, cfg: DemoConfig, out: Path, folder: Path, num: int, extra: list[str], threads: int) -> Task:
     argv = [*cli(), "data", "build", "--source", "procedural", "--num-objects", str(num), "--out", str(folder)]
     argv += ["--workers", str(cfg.data.workers)]
@@ -236,7 +257,11 @@ def run_demo(out, config_path=None, overrides=(), force: bool = False, stream=No
     # the pipeline folder, infer and eval
     ckpt = out / "checkpoints"
     runs = {n: ckpt / n / RUN_NAME for n in STAGE_NAMES}
-    tasks = [_stage_task(cfg, out, n, threads) for n in cfg.train.order]
+    shipped = {n: Path(getattr(cfg.train, n).pretrained) for n in STAGE_NAMES if getattr(cfg.train, n).pretrained}
+    for name, folder in shipped.items():
+        if not skipped(f"train-{name}"):
+            run_inline(state, console, f"train-{name}", _shipped_step(out, name, folder), failed)
+    tasks = [_stage_task(cfg, out, n, threads) for n in cfg.train.order if n not in shipped]
     tasks.append(
         Task(
             "export",
@@ -327,7 +352,11 @@ def run_demo(out, config_path=None, overrides=(), force: bool = False, stream=No
         )
     )
     plan = ", ".join(
-        f"{n} {getattr(cfg.train, n).max_steps or 'default'} steps" if n != "texture" else "texture 1 epoch"
+        f"{n} shipped"
+        if n in shipped
+        else f"{n} {getattr(cfg.train, n).max_steps or 'default'} steps"
+        if n != "texture"
+        else "texture 1 epoch"
         for n in cfg.train.order
     )
     phase(

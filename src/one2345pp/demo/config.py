@@ -13,6 +13,9 @@ from pathlib import Path
 from ..config import ConfigError, load_config, to_object
 
 STAGE_NAMES = ("multiview", "coarse", "fine", "texture")
+SHIPPED_MULTIVIEW = "checkpoints/tiny/multiview"
+# what a shipped run folder must hold (the pipeline export reads config.yaml and export/ as from a trained run)
+SHIPPED_FILES = {"multiview": ("config.yaml", "export/model_index.json")}
 # keys that change how the demo runs, not what it makes: free to differ when a demo is resumed
 RUN_ONLY_KEYS = ("jobs", "threads", "progress_interval")
 
@@ -32,6 +35,9 @@ class DemoStageConfig:
     config: str = ""  # the stage's YAML (experiments/tiny/STAGE.yaml)
     max_steps: int | None = None  # trainer.max_steps (None: the config's); the texture stage runs one epoch
     overrides: list[str] = field(default_factory=list)
+    # a trained run folder shipped with the repository (config.yaml + export/, see checkpoints/README.md) used
+    # instead of training the stage; None (or `one2345pp demo --from-scratch`): train it in the demo
+    pretrained: str | None = None
 
 
 def _stage(name: str, max_steps: int | None, *overrides: str) -> DemoStageConfig:
@@ -41,7 +47,13 @@ def _stage(name: str, max_steps: int | None, *overrides: str) -> DemoStageConfig
 @dataclass
 class DemoTrainConfig:
     order: list[str] = field(default_factory=lambda: ["coarse", "multiview", "fine", "texture"])  # start order
-    multiview: DemoStageConfig = field(default_factory=lambda: _stage("multiview", 400))
+    # the shipped tiny multi-view model (checkpoints/tiny/multiview/MODEL_CARD.md): the demo's few minutes of
+    # training do not make the random tiny model follow its input (docs/multiview_conditioning.md)
+    multiview: DemoStageConfig = field(
+        default_factory=lambda: DemoStageConfig(
+            "experiments/tiny/multiview.yaml", 400, [], pretrained=SHIPPED_MULTIVIEW
+        )
+    )
     coarse: DemoStageConfig = field(default_factory=lambda: _stage("coarse", 180))
     fine: DemoStageConfig = field(default_factory=lambda: _stage("fine", 180))
     texture: DemoStageConfig = field(
@@ -130,6 +142,19 @@ def check_config(cfg: DemoConfig) -> None:
             problems.append("train.texture.max_steps must be null (the texture stage fits its objects in one epoch)")
         elif st.max_steps is not None and st.max_steps < 1:
             problems.append(f"train.{name}.max_steps={st.max_steps} (must be >= 1 or null)")
+    for name in STAGE_NAMES:
+        shipped = getattr(cfg.train, name).pretrained
+        if shipped is None:
+            continue
+        if name not in SHIPPED_FILES:
+            problems.append(f"train.{name}.pretrained={shipped}: only {', '.join(SHIPPED_FILES)} can be shipped")
+            continue
+        lacking = [f for f in SHIPPED_FILES[name] if not (Path(shipped) / f).is_file()]
+        if lacking:
+            problems.append(
+                f"train.{name}.pretrained={shipped}: lacks {', '.join(lacking)} (a trained run folder is needed; "
+                "or run `one2345pp demo --from-scratch` to train every stage)"
+            )
     files = [("data.config", cfg.data.config), ("eval.config", cfg.eval.config)]
     files += [(f"train.{n}.config", getattr(cfg.train, n).config) for n in STAGE_NAMES]
     for key, path in files:

@@ -161,9 +161,13 @@ def concat_condition(vae, images: torch.Tensor, view_size: int) -> tuple[torch.T
     the input at the first convolution, where reference attention reaches it only through self-attention.
     """
     size = (view_size, view_size)
-    one_view = images if images.shape[-2:] == size else F.interpolate(
-        images.float(), size=size, mode="bilinear", antialias=True, align_corners=False
-    ).clamp(0.0, 1.0)
+    one_view = (
+        images
+        if images.shape[-2:] == size
+        else F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False).clamp(
+            0.0, 1.0
+        )
+    )
     grid = condition_latent(vae, one_view).repeat(1, 1, GRID_ROWS, GRID_COLS)
     return grid, condition_latent(vae, images)
 
@@ -500,7 +504,8 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         scheduler = make_sampler(sampler, self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         alphas_cumprod = scheduler.alphas_cumprod
-        shape = (batch, self.vae.config.latent_channels, GRID_ROWS * view_size // factor, GRID_COLS * view_size // factor)
+        rows, cols = GRID_ROWS * view_size // factor, GRID_COLS * view_size // factor
+        shape = (batch, self.vae.config.latent_channels, rows, cols)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         latents = latents * scheduler.init_noise_sigma
         for t in self.progress_bar(scheduler.timesteps):

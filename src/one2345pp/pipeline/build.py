@@ -22,7 +22,8 @@ data used another distance; the 3D sampling steps are the models' own ``diffusio
 Trailing ``key=value`` overrides set :class:`PipelineSettings` keys (``num_inference_steps=50``,
 ``preprocess.fill=0.5``). When a run's shards are not reachable (trained elsewhere), giving ``layout=``, ``extent=``
 and ``distance=`` (``null``: the framing distance) supplies those facts for it; they are still checked against the
-runs whose shards were found.
+runs whose shards were found. A run folder moved away from its shards (the shipped ``checkpoints/tiny/multiview``)
+may carry a copy of the shards' ``config.yaml`` as ``data_config.yaml``; it is read when the shards are not there.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ..cameras import framing_distance, get_layout
 from ..config import ConfigError, parse_overrides
 
 STAGE_NAMES = ("multiview", "coarse", "fine")
+RUN_DATA_CONFIG = "data_config.yaml"  # a copy of the shards' config.yaml inside a run folder shipped without them
 DATA_FACTS = ("layout", "distance", "extent")
 
 
@@ -115,6 +117,8 @@ def data_facts(src: RunSource, overrides: dict) -> DataFacts:
     if loader is None or "train_shards" not in loader:
         raise ValueError(f"{src.run_dir / 'config.yaml'}: no data.train_shards (not a stage run config)")
     shards_cfg = _shards_config(str(loader.train_shards))
+    if not shards_cfg.is_file() and (src.run_dir / RUN_DATA_CONFIG).is_file():
+        shards_cfg = src.run_dir / RUN_DATA_CONFIG  # a run shipped without its shards carries their data config
     if shards_cfg.is_file():
         try:
             data = OmegaConf.to_object(
