@@ -137,3 +137,22 @@ def test_eval_mesh_cli(tmp_path, capsys):
     assert raw["fscore"] < aligned["fscore"]
     assert main(["eval", "mesh", str(tmp_path / "missing.glb"), str(tmp_path / "gt.ply")]) == 2
     assert "missing.glb" in capsys.readouterr().err
+
+
+def test_eval_mesh_reads_the_pipelines_glb_upright(tmp_path, capsys):
+    """``mesh.glb`` as ``infer`` writes it (texture/export.save_glb, glTF's +Y up) scored without alignment against
+    the same mesh as PLY (+Z up): the reader turns it back, so the two coincide."""
+    import json
+
+    from one2345pp.cli import main
+    from one2345pp.geometry.mesh_io import save_mesh
+    from one2345pp.texture.export import TexturedMesh, save_glb
+
+    gt = _asymmetric_mesh()
+    save_mesh(gt, tmp_path / "gt.ply")
+    colours = np.tile([[0.9, 0.2, 0.1]], (len(gt.vertices), 1))
+    save_glb(TexturedMesh(gt.vertices, gt.faces, vertex_colors=colours), tmp_path / "mesh.glb")
+    argv = ["eval", "mesh", str(tmp_path / "mesh.glb"), str(tmp_path / "gt.ply"), "--no-align", "--json"]
+    assert main([*argv, "--points", "20000"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["fscore"] > 0.99 and raw["chamfer"] < 0.01, raw

@@ -179,11 +179,13 @@ def test_wandb_offline_run_holds_config_losses_images_and_meshes(tmp_path, monke
 def test_a_ply_mesh_reaches_wandb_as_glb(tmp_path, monkeypatch):
     import trimesh
 
+    from one2345pp.geometry.mesh_io import load_mesh
+
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.uint8)
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 128, 30]], np.uint8)
     tri = trimesh.Trimesh(
         np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1.0]]), np.array([[0, 1, 2], [0, 1, 3]]), process=False
     )
@@ -195,9 +197,21 @@ def test_a_ply_mesh_reaches_wandb_as_glb(tmp_path, monkeypatch):
     trainer = Trainer(default_root_dir=str(run), logger=logger, enable_checkpointing=False)
     assert log_mesh(trainer, "val/mesh", ply, step=3) == run / "media" / "val_mesh" / "step0000003.ply"
     glb = run / "media" / "val_mesh" / "step0000003.glb"
-    back = trimesh.load(glb, force="mesh")
-    assert back.faces.shape == (2, 3) and len(back.vertices) == 4
-    np.testing.assert_array_equal(np.unique(back.visual.vertex_colors[:, :3], axis=0), np.unique(colours, axis=0))
+    # the GLB is in glTF's convention: +Y up ((x, y, z) -> (x, z, -y)) ...
+    raw = trimesh.load(glb, force="mesh")
+    assert raw.faces.shape == (2, 3) and len(raw.vertices) == 4
+    x, y, z = tri.vertices.T
+    np.testing.assert_allclose(np.unique(raw.vertices, axis=0), np.unique(np.stack([x, z, -y], 1), axis=0))
+    (geom,) = trimesh.load(glb).geometry.values()
+    stored = np.asarray(geom.visual.vertex_attributes["color"])[:, :3]  # COLOR_0 holds linear values
+    orange = [1.0, ((128 / 255 + 0.055) / 1.055) ** 2.4, ((30 / 255 + 0.055) / 1.055) ** 2.4]
+    assert np.any(np.all(np.abs(stored - orange) < 1e-5, axis=1)), stored
+    # ... so the project's reader sees the PLY's +Z-up mesh and its colours again (within half a level)
+    back = load_mesh(glb)
+    assert back.faces.shape == (2, 3)
+    corners = np.concatenate([back.vertices[back.faces], back.corner_colors[..., :3] * 255], axis=2).reshape(-1, 6)
+    expected = np.concatenate([tri.vertices[tri.faces], colours[tri.faces].astype(float)], axis=2).reshape(-1, 6)
+    np.testing.assert_allclose(np.unique(corners.round(4), axis=0), np.unique(expected, axis=0), atol=0.5)
     (logged,) = (run / "logs").rglob("media/object3D/val/mesh_*.glb")
     assert logged.read_bytes() == glb.read_bytes()
     logger.experiment.finish()

@@ -193,29 +193,51 @@ def _load_trimesh(path: Path):
 
 
 def _trimesh_vertex_colors(tm) -> np.ndarray:
-    """uint8 RGB per vertex: trimesh keeps glTF COLOR_0 as a vertex attribute when the primitive has a material."""
+    """RGB per vertex as the file holds it (PLY: uint8 sRGB; the project's GLB: float linear COLOR_0, which trimesh
+    keeps as a vertex attribute when the primitive has a material)."""
     if tm.visual.kind == "texture":
         return np.asarray(tm.visual.vertex_attributes["color"])[:, :3]
     return np.asarray(tm.visual.vertex_colors)[:, :3]
 
 
+def _in_gltf_frame(points: np.ndarray) -> np.ndarray:
+    """The project's +Z-up coordinates as glTF's +Y up, written out independently of the package:
+    ``(x, y, z) -> (x, z, -y)``."""
+    x, y, z = np.asarray(points, dtype=np.float64).T
+    return np.stack([x, z, -y], axis=1)
+
+
+def _srgb_to_linear(c) -> np.ndarray:
+    """The sRGB transfer function decoded (IEC 61966-2-1), independently of the package."""
+    c = np.asarray(c, dtype=np.float64)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
 def test_glb_round_trip(refined, tmp_path):
+    from one2345pp.geometry.mesh_io import load_mesh
+
     baked = refined[0]
     path = save_glb(baked, tmp_path / "model.glb")
+    # third-party readers see the file's own frame, glTF's +Y up
     tm = _load_trimesh(path)
     assert len(tm.vertices) == baked.num_vertices
-    np.testing.assert_allclose(tm.vertices, baked.vertices, atol=1e-6)
+    np.testing.assert_allclose(tm.vertices, _in_gltf_frame(baked.vertices), atol=1e-6)
     np.testing.assert_array_equal(tm.faces, baked.faces)
     np.testing.assert_allclose(tm.visual.uv, baked.uvs, atol=1e-6)  # trimesh returns OBJ-convention uvs
     image = np.asarray(tm.visual.material.baseColorTexture.convert("RGB"))
-    np.testing.assert_array_equal(image, baked.texture)
+    np.testing.assert_array_equal(image, baked.texture)  # the texture stays sRGB-encoded, byte for byte
+    _check_open3d_textured(path, baked, gltf=True)
+    # the project's reader turns it back +Z up
+    back = load_mesh(path)
+    np.testing.assert_allclose(back.vertices, baked.vertices, atol=1e-6)
+    np.testing.assert_array_equal(back.faces, baked.faces)
+    np.testing.assert_allclose(back.face_uvs, baked.uvs[baked.faces], atol=1e-6)
+    np.testing.assert_array_equal(back.materials[0].texture[..., :3], baked.texture)
 
-    _check_open3d_textured(path, baked)
 
-
-def _check_open3d_textured(path: Path, baked: TexturedMesh) -> None:
-    """open3d reads the same corners, per-corner uvs and texture (its reader renumbers vertices, keeps faces in
-    order, and stores images bottom row first)."""
+def _check_open3d_textured(path: Path, baked: TexturedMesh, gltf: bool = False) -> None:
+    """open3d reads the same corners (in glTF's +Y-up frame for a GLB), per-corner uvs and texture (its reader
+    renumbers vertices, keeps faces in order, and stores images bottom row first)."""
     import open3d as o3d
 
     om = o3d.io.read_triangle_mesh(str(path), enable_post_processing=True)  # the flag loads materials
@@ -223,42 +245,59 @@ def _check_open3d_textured(path: Path, baked: TexturedMesh) -> None:
     assert om.has_textures() and len(om.textures) == 1
     np.testing.assert_array_equal(np.flipud(np.asarray(om.textures[0])[..., :3]), baked.texture)
     corners = np.asarray(om.vertices)[np.asarray(om.triangles)]
-    np.testing.assert_allclose(corners, baked.vertices[baked.faces], atol=1e-6)
+    expected = _in_gltf_frame(baked.vertices) if gltf else baked.vertices
+    np.testing.assert_allclose(corners, expected[baked.faces], atol=1e-6)
     np.testing.assert_allclose(np.asarray(om.triangle_uvs).reshape(-1, 3, 2), baked.uvs[baked.faces], atol=1e-6)
 
 
 def test_obj_round_trip(refined, tmp_path):
+    from one2345pp.geometry.mesh_io import load_mesh
+
     baked = refined[0]
     path = save_obj(baked, tmp_path / "model.obj")
     assert {p.name for p in tmp_path.iterdir()} == {"model.obj", "model.mtl", "model.png"}
     tm = _load_trimesh(path)
     assert len(tm.vertices) == baked.num_vertices
-    np.testing.assert_allclose(tm.vertices, baked.vertices, atol=1e-6)
+    np.testing.assert_allclose(tm.vertices, baked.vertices, atol=1e-6)  # OBJ is written +Z up, as it is
     np.testing.assert_array_equal(tm.faces, baked.faces)
     np.testing.assert_allclose(tm.visual.uv, baked.uvs, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(tm.visual.material.image.convert("RGB")), baked.texture)
 
     _check_open3d_textured(path, baked)
+    back = load_mesh(path)  # the project's reader takes OBJ as +Z up: the same orientation
+    np.testing.assert_allclose(back.vertices, baked.vertices, atol=1e-6)
 
 
 def test_ply_and_vertex_colour_glb_round_trip(refined, tmp_path):
     import open3d as o3d
 
+    from one2345pp.geometry.mesh_io import load_mesh
+
     _, result, rasterizer, rm = refined
     vc = bake(result.field, rm, BakeConfig(mode="vertex"), rasterizer)
     expected = np.clip(np.round(vc.vertex_colors * 255), 0, 255).astype(np.uint8)
-    for name in ("model.ply", "colours.glb"):
+    # PLY: +Z up, sRGB bytes, as they are; GLB (glTF 2.0): +Y up, float linear COLOR_0
+    files = {
+        "model.ply": (vc.vertices, expected / 255.0),
+        "colours.glb": (_in_gltf_frame(vc.vertices), _srgb_to_linear(vc.vertex_colors)),
+    }
+    for name, (positions, colours) in files.items():
         path = export_mesh(vc, tmp_path / name)
         tm = _load_trimesh(path)
         assert len(tm.vertices) == vc.num_vertices
         np.testing.assert_array_equal(tm.faces, vc.faces)
-        np.testing.assert_array_equal(_trimesh_vertex_colors(tm), expected)
+        np.testing.assert_allclose(tm.vertices, positions, atol=1e-6)
+        theirs = np.asarray(_trimesh_vertex_colors(tm), dtype=np.float64)
+        np.testing.assert_allclose(theirs / 255.0 if name.endswith(".ply") else theirs, colours, atol=1e-6)
         om = o3d.io.read_triangle_mesh(str(path), enable_post_processing=True)
         assert len(om.vertices) == vc.num_vertices and om.has_vertex_colors()
         # compare (position, colour) rows in a canonical order: open3d's glTF reader renumbers vertices
-        ours = np.concatenate([np.round(vc.vertices, 5), expected / 255.0], axis=1)
+        ours = np.concatenate([np.round(positions, 5), colours], axis=1)
         theirs = np.concatenate([np.round(np.asarray(om.vertices), 5), np.asarray(om.vertex_colors)], axis=1)
         np.testing.assert_allclose(theirs[np.lexsort(theirs.T)], ours[np.lexsort(ours.T)], atol=1e-5)
+    back = load_mesh(tmp_path / "model.ply")  # the project's reader takes PLY as +Z up: the same orientation
+    np.testing.assert_allclose(back.vertices, vc.vertices, atol=1e-6)
+    np.testing.assert_allclose(back.corner_colors[..., :3], (expected / 255.0)[vc.faces], atol=1e-6)
     # a textured mesh written as PLY carries its texture sampled at the vertices
     baked = refined[0]
     tm = _load_trimesh(save_ply(baked, tmp_path / "textured.ply"))
@@ -266,6 +305,112 @@ def test_ply_and_vertex_colour_glb_round_trip(refined, tmp_path):
     np.testing.assert_array_equal(_trimesh_vertex_colors(tm), sampled)
     with pytest.raises(ValueError, match="supported types"):
         export_mesh(vc, tmp_path / "model.stl")
+
+
+def capped_tower() -> TexturedMesh:
+    """A tall box (0.2 x 0.4 x 1.0, off the origin) with a pyramid cap whose apex, the only vertex above z = 0.7,
+    leans towards +X and -Y: no turn or mirror maps it onto itself. One saturated colour per face group, dark shades
+    among them (where 8-bit linear storage would lose them)."""
+    lo, hi = np.array([0.1, -0.2, -0.4]), np.array([0.3, 0.2, 0.6])
+    corners = np.array([[lo[0] if i & 1 == 0 else hi[0], lo[1] if i & 2 == 0 else hi[1], lo[2]] for i in range(4)])
+    apex = np.array([0.28, -0.1, 0.9])
+    # faces wound counter-clockwise seen from outside (outward normals); every face has its own vertices so each
+    # can carry its colour: sides (red, green, blue, yellow), bottom (dark magenta), cap (dark cyan and orange)
+    b0, b1, b2, b3 = corners  # bottom: (lo, lo), (hi, lo), (lo, hi), (hi, hi) in (x, y)
+    t0, t1, t2, t3 = (c + [0.0, 0.0, hi[2] - lo[2]] for c in corners)
+    quads = {  # (a, b, c, d) counter-clockwise from outside
+        (1.0, 0.0, 0.0): (b0, b1, t1, t0),  # -Y side
+        (0.0, 1.0, 0.0): (b1, b3, t3, t1),  # +X side
+        (0.0, 0.0, 1.0): (b3, b2, t2, t3),  # +Y side
+        (1.0, 1.0, 0.0): (b2, b0, t0, t2),  # -X side
+        (30 / 255, 0.0, 0.1): (b0, b2, b3, b1),  # bottom
+    }
+    vertices, faces, colours = [], [], []
+    for colour, (a, b, c, d) in quads.items():
+        k = len(vertices)
+        vertices += [a, b, c, d]
+        faces += [[k, k + 1, k + 2], [k, k + 2, k + 3]]
+        colours += [colour] * 4
+    for colour, (a, b) in zip([(0.0, 0.05, 0.05), (1.0, 0.5, 0.0)] * 2, [(t0, t1), (t1, t3), (t3, t2), (t2, t0)]):
+        k = len(vertices)
+        vertices += [a, b, apex]
+        faces.append([k, k + 1, k + 2])
+        colours += [colour] * 3
+    return TexturedMesh(np.array(vertices), np.array(faces), vertex_colors=np.array(colours))
+
+
+def _read_glb(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The JSON of a GLB and its one primitive's attributes (+ ``indices``), parsed here with struct alone."""
+    import struct
+
+    data = path.read_bytes()
+    magic, version, length = struct.unpack_from("<III", data, 0)
+    assert (magic, version, length) == (0x46546C67, 2, len(data))
+    json_len, json_kind = struct.unpack_from("<II", data, 12)
+    assert json_kind == 0x4E4F534A
+    doc = json.loads(data[20 : 20 + json_len])
+    bin_len, bin_kind = struct.unpack_from("<II", data, 20 + json_len)
+    assert bin_kind == 0x004E4942
+    blob = data[28 + json_len : 28 + json_len + bin_len]
+    dtypes = {5121: "<u1", 5123: "<u2", 5125: "<u4", 5126: "<f4"}
+    width = {"SCALAR": 1, "VEC2": 2, "VEC3": 3, "VEC4": 4}
+
+    def accessor(i: int) -> np.ndarray:
+        acc = doc["accessors"][i]
+        view = doc["bufferViews"][acc["bufferView"]]
+        assert "byteStride" not in view
+        n = acc["count"] * width[acc["type"]]
+        arr = np.frombuffer(blob, dtypes[acc["componentType"]], n, view["byteOffset"] + acc.get("byteOffset", 0))
+        return arr.reshape(acc["count"], width[acc["type"]])
+
+    (prim,) = doc["meshes"][0]["primitives"]
+    arrays = {name: accessor(i) for name, i in prim["attributes"].items()}
+    arrays["indices"] = accessor(prim["indices"]).reshape(-1, 3)
+    return doc, arrays
+
+
+def test_glb_is_gltf_convention_and_reads_back_upright(tmp_path):
+    from one2345pp.geometry.mesh_io import load_mesh
+
+    tower = capped_tower()
+    path = save_glb(tower, tmp_path / "tower.glb")
+    apex = int(np.argmax(tower.vertices[:, 2]))  # the cap's apex (several copies; argmax picks the first)
+    cap = tower.vertices[:, 2] > 0.7
+
+    # (a) the project's reader (up_axis=auto: a GLB is +Y up) gives back the same positions and colours, +Z up
+    back = load_mesh(path)
+    np.testing.assert_allclose(back.vertices, tower.vertices, atol=1e-6)
+    np.testing.assert_array_equal(back.faces, tower.faces)
+    np.testing.assert_allclose(back.corner_colors[..., :3], tower.vertex_colors[tower.faces], atol=0.5 / 255)
+    np.testing.assert_allclose(back.corner_colors[..., 3], 1.0)
+    assert np.argmax(back.vertices[:, 2]) == apex
+
+    # (b) the file itself: +Y up (the cap's apex has the largest glTF y), COLOR_0 the linear decoding of the sRGB
+    # colours, normals turned alike and pointing out of the solid, windings counter-clockwise from outside
+    doc, arrays = _read_glb(path)
+    pos = arrays["POSITION"].astype(np.float64)
+    np.testing.assert_allclose(pos, _in_gltf_frame(tower.vertices), atol=1e-6)
+    assert np.all(pos[cap, 1] > pos[~cap, 1].max()) and np.argmax(pos[:, 1]) == apex
+    position_accessor = doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"]["POSITION"]]
+    assert position_accessor["max"][1] == pytest.approx(0.9)  # the accessor's bounds are +Y up too
+    colour = arrays["COLOR_0"]
+    assert colour.dtype == np.float32 and colour.shape == (tower.num_vertices, 4)
+    np.testing.assert_allclose(colour[:, :3], _srgb_to_linear(tower.vertex_colors), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(colour[:, 3], 1.0)
+    assert colour[0, 0] == pytest.approx(1.0) and colour[16, 0] == pytest.approx(((30 / 255 + 0.055) / 1.055) ** 2.4)
+    assert "baseColorFactor" not in doc["materials"][0]["pbrMetallicRoughness"]  # the default, linear white
+    tri = pos[arrays["indices"]]
+    face_normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    outward = tri.mean(1) - pos.mean(0)  # the solid is convex: face centre minus an inner point
+    assert np.all(np.einsum("ij,ij->i", face_normals, outward) > 0)
+    normals = arrays["NORMAL"].astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(normals, axis=1), 1.0, atol=1e-6)
+    corner_normals = normals[arrays["indices"]]
+    assert np.all(np.einsum("ijk,ik->ij", corner_normals, face_normals) > 0)  # agree with the winding
+
+    # (c) the Khronos validator passes it
+    (report,) = _validate([path])
+    assert report["errors"] == 0 and report["warnings"] == 0, report["messages"]
 
 
 def _validate(paths: list[Path]) -> list[dict]:

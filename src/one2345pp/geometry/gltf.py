@@ -40,10 +40,13 @@ import numpy as np
 
 from .mesh import Material, Mesh, MeshError, concatenate
 
-__all__ = ["Y_UP_TO_Z_UP", "gltf_bytes", "linear_to_srgb", "read_gltf", "srgb_to_linear"]
+__all__ = ["Y_UP_TO_Z_UP", "Z_UP_TO_Y_UP", "gltf_bytes", "linear_to_srgb", "read_gltf", "srgb_to_linear"]
 
 # glTF (+Y up, front +Z) -> the project's frame (+Z up), as Blender's importer turns it: (x, y, z) -> (x, -z, y)
 Y_UP_TO_Z_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+# its inverse, for every GLB writer: the project's frame -> glTF's (x, y, z) -> (x, z, -y); a proper rotation, so
+# triangle windings and outward normals stay as they are
+Z_UP_TO_Y_UP = Y_UP_TO_Z_UP.T
 
 _GLB_MAGIC, _CHUNK_JSON, _CHUNK_BIN = 0x46546C67, 0x4E4F534A, 0x004E4942
 _DTYPES = {5120: np.int8, 5121: np.uint8, 5122: np.int16, 5123: np.uint16, 5125: np.uint32, 5126: np.float32}
@@ -470,7 +473,7 @@ def _linear_rgba(c: np.ndarray) -> list[float]:
 def gltf_bytes(mesh: Mesh) -> bytes:
     """The GLB file of ``mesh`` (project frame, +Z up) in glTF's convention (+Y up); see the module docstring."""
     b = _Builder()
-    to_gltf = Y_UP_TO_Z_UP.T  # inverse of the reading rule: (x, y, z) -> (x, z, -y)
+    to_gltf = Z_UP_TO_Y_UP  # inverse of the reading rule: (x, y, z) -> (x, z, -y)
     doc: dict = {"asset": {"version": "2.0", "generator": "one2345pp"}}
     images, textures, gl_materials, primitives, used_ext = [], [], [], [], set()
 

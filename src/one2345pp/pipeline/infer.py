@@ -3,7 +3,8 @@
 Per image ``OUT/<image stem>/``:
 
 * ``mesh.glb`` -- the textured mesh (:func:`one2345pp.texture.export.save_glb`; vertex colours with ``refine=false``),
-  in the normalised frame (+Z up, inside [-0.5, 0.5]^3);
+  in the normalised frame (inside [-0.5, 0.5]^3), written in glTF's convention (+Y up in the file, linear vertex
+  colours), which :func:`one2345pp.geometry.mesh_io.load_mesh` and glTF viewers show upright, +Z up;
 * ``views.png`` -- the six generated views as the 3x2 grid;
 * ``turntable.png`` -- renders around the mesh (:mod:`one2345pp.pipeline.turntable`);
 * ``result.json`` -- ``status`` ("ok" / "failed"), ``reason`` (failures), the image, the seed, the pipeline folder,

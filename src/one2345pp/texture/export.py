@@ -6,12 +6,23 @@ A :class:`TexturedMesh` is what baking produces: indexed vertices that already c
 colours. Every writer keeps the vertex list as it is, so a reader that does not merge vertices gets back exactly
 ``num_vertices`` vertices.
 
+Frames and colours. A :class:`TexturedMesh` is in the project's frame (+Z up) with display (sRGB) colours.
+
+* GLB follows glTF 2.0 (as :func:`one2345pp.geometry.gltf.gltf_bytes` does): positions and normals are turned +Y up,
+  ``(x, y, z) -> (x, z, -y)`` (:data:`~one2345pp.geometry.gltf.Z_UP_TO_Y_UP`, the inverse of the reader's turn; a
+  proper rotation, so windings and outward normals stay), and ``COLOR_0`` holds linear values (sRGB decoded with
+  :func:`~one2345pp.geometry.gltf.srgb_to_linear`, the inverse of what the reader applies). The base colour texture
+  stays the sRGB-encoded PNG, as the specification wants. glTF viewers, Blender and
+  :func:`one2345pp.geometry.mesh_io.load_mesh` (``up_axis="auto"``) therefore show the mesh upright in its colours.
+* OBJ and PLY are written +Z up with sRGB colours, as they are, which is how the project's reader takes them.
+
 * GLB: one mesh, one primitive (POSITION, NORMAL, TEXCOORD_0 or COLOR_0, uint32 indices), one material with
   ``metallicFactor`` 0, ``roughnessFactor`` 1 and the texture as ``baseColorTexture`` (PNG inside the binary chunk).
-  glTF puts the UV origin at the top-left of the image, so ``t = 1 - v``.
+  glTF puts the UV origin at the top-left of the image, so ``t = 1 - v``. ``COLOR_0`` is float32 RGBA (linear 8-bit
+  integers would lose dark shades: sRGB 30/255 would come back as 28/255).
 * OBJ: ``v`` / ``vt`` / ``vn`` with the same index per corner, ``STEM.mtl`` with ``map_Kd STEM.png``; vertex colours
-  as the ``v x y z r g b`` extension.
-* PLY: binary, vertices with normals and RGBA colours (a textured mesh is sampled at its vertices' UVs).
+  as the ``v x y z r g b`` extension. +Z up.
+* PLY: binary, vertices with normals and RGBA colours (a textured mesh is sampled at its vertices' UVs). +Z up.
 
 Writes are atomic: a file is written under a temporary name in the target folder and renamed into place; the OBJ's
 three files are written into a temporary folder first and moved, the ``.obj`` last.
@@ -30,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..geometry.gltf import Z_UP_TO_Y_UP, srgb_to_linear
 from ..geometry.mesh import Material, Mesh, sample_texture
 
 __all__ = ["EXPORT_SUFFIXES", "TexturedMesh", "export_mesh", "save_glb", "save_obj", "save_ply"]
@@ -37,7 +49,7 @@ __all__ = ["EXPORT_SUFFIXES", "TexturedMesh", "export_mesh", "save_glb", "save_o
 EXPORT_SUFFIXES = (".glb", ".obj", ".ply")
 
 # glTF constants
-_FLOAT, _UBYTE, _UINT = 5126, 5121, 5125
+_FLOAT, _UINT = 5126, 5125
 _ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
 _LINEAR, _LINEAR_MIPMAP_LINEAR, _CLAMP_TO_EDGE = 9729, 9987, 33071
 _TRIANGLES = 4
@@ -203,12 +215,13 @@ class _GlbBuilder:
 
 
 def glb_bytes(tm: TexturedMesh) -> bytes:
-    """The GLB file of ``tm`` (see the module docstring)."""
+    """The GLB file of ``tm`` in glTF's convention: +Y up, linear ``COLOR_0`` (see the module docstring)."""
     b = _GlbBuilder()
-    positions = tm.vertices.astype(np.float32)
+    positions = (tm.vertices @ Z_UP_TO_Y_UP.T).astype(np.float32)  # +Z up -> glTF's +Y up
+    normals = _unit_normals(tm) @ Z_UP_TO_Y_UP.T.astype(np.float32)  # a signed permutation: still unit length
     attributes = {
         "POSITION": b.accessor(positions, _FLOAT, "VEC3", _ARRAY_BUFFER, bounds=True),
-        "NORMAL": b.accessor(_unit_normals(tm), _FLOAT, "VEC3", _ARRAY_BUFFER),
+        "NORMAL": b.accessor(normals, _FLOAT, "VEC3", _ARRAY_BUFFER),
     }
     material: dict = {"name": "baked", "doubleSided": True}
     pbr: dict = {"metallicFactor": 0.0, "roughnessFactor": 1.0}
@@ -218,8 +231,9 @@ def glb_bytes(tm: TexturedMesh) -> bytes:
         attributes["TEXCOORD_0"] = b.accessor(st, _FLOAT, "VEC2", _ARRAY_BUFFER)
         pbr["baseColorTexture"] = {"index": 0}
     else:
-        colors = _rgba8(tm.vertex_rgba())
-        attributes["COLOR_0"] = b.accessor(colors, _UBYTE, "VEC4", _ARRAY_BUFFER, normalized=True)
+        rgba = tm.vertex_rgba()
+        colors = np.concatenate([srgb_to_linear(rgba[:, :3]), rgba[:, 3:]], axis=1).astype(np.float32)  # linear
+        attributes["COLOR_0"] = b.accessor(colors, _FLOAT, "VEC4", _ARRAY_BUFFER)
     indices = b.accessor(tm.faces.reshape(-1, 1).astype(np.uint32), _UINT, "SCALAR", _ELEMENT_ARRAY_BUFFER)
     if tm.texture is not None:
         image_view = b.view(_png_bytes(tm.texture))

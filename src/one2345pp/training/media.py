@@ -73,12 +73,15 @@ WANDB_3D_SUFFIXES = (".glb", ".gltf", ".obj", ".stl")  # files wandb.Object3D ta
 
 
 def _as_glb(path: Path) -> Path:
-    """A GLB copy of a mesh file (vertex colours kept) beside it, for viewers that do not read its format."""
-    import trimesh
+    """A GLB copy of a mesh file (vertex colours kept) beside it, for viewers that do not read its format: read
+    with the project's loader (+Z up) and written in glTF's convention (+Y up, linear vertex colours), so that the
+    viewer shows it upright in its colours."""
+    from ..geometry.gltf import gltf_bytes
+    from ..geometry.mesh_io import load_mesh
 
     out = path.with_suffix(".glb")
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(trimesh.load(path, force="mesh").export(file_type="glb"))
+    tmp.write_bytes(gltf_bytes(load_mesh(path)))
     os.replace(tmp, out)
     return out
 
