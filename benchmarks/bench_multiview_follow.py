@@ -94,8 +94,12 @@ def heldout_seed(patterns: list[str]) -> int | None:
     return int(OmegaConf.select(OmegaConf.load(config), "data.procedural.seed", default=-1))
 
 
-def condition_images(samples: list[dict], size: int) -> torch.Tensor:
-    """The product's input path: each RGBA condition through ``preprocess_image`` (framing, gray) -> [N, 3, s, s]."""
+def condition_images(samples: list[dict], size: int, raw: bool = False) -> torch.Tensor:
+    """The product's input path: each RGBA condition through ``preprocess_image`` (framing, gray) -> [N, 3, s, s];
+    ``raw``: the rendered condition as the training shards hold it, only composited on gray."""
+    if raw:
+        rgba = torch.from_numpy(np.stack([s["cond"] for s in samples])).float().div(255.0).permute(0, 3, 1, 2)
+        return rgba[:, :3] * rgba[:, 3:] + GRAY * (1.0 - rgba[:, 3:])
     cfg = PreprocessConfig(size=size)
     rgb = [preprocess_image(Image.fromarray(s["cond"]), cfg)[0] for s in samples]
     return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 255.0
@@ -313,6 +317,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--gamma", type=float, default=5.0, help="Min-SNR gamma of cond_gain (<= 0: unweighted)")
     ap.add_argument("--draws", type=int, default=2, help="noise draws per timestep bucket for the loss figures")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--raw-condition",
+        action="store_true",
+        help="feed the rendered condition as the shards hold it instead of the pipeline's preprocessing (framing)",
+    )
     ap.add_argument("--diagnose", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -325,7 +334,7 @@ def main(argv=None) -> dict:
     samples = read_heldout(args.shards, args.limit)
     if len(samples) < 2:
         raise ValueError(f"need at least 2 held-out objects, got {len(samples)}")
-    cond = condition_images(samples, int(pipe.config.cond_size))
+    cond = condition_images(samples, int(pipe.config.cond_size), raw=args.raw_condition)
     truth = torch.stack([s["grid"] for s in samples]).float()
     out = pipe(
         cond,

@@ -280,3 +280,60 @@ def test_report_says_whether_the_multiview_model_follows_its_condition(tmp_path)
         (logs / "metrics.csv").write_text(f"epoch,step,val/loss,val/cond_gain\n0,9,0.2,0.5\n1,19,0.1,{gain}\n")
         (note,) = _condition_note(tmp_path, "demo")
         assert f"val/cond_gain {gain:.3f}" in note and says in note
+
+
+def test_a_shipped_multiview_run_stands_in_for_its_training(demo, tmp_path):
+    """train.multiview.pretrained: the shipped run folder is copied where the demo's own run would be (no training),
+    and the pipeline export reads the run's data_config.yaml when its shards are not there (a fresh clone)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from one2345pp.demo import _shipped_step
+    from one2345pp.pipeline.build import build_pipeline
+
+    _, out, _ = demo
+    runs = out / "checkpoints"
+    trained = runs / "multiview" / "demo"
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for folder in ("export", "logs"):
+        shutil.copytree(trained / folder, shipped / folder)
+    cfg = OmegaConf.load(trained / "config.yaml")
+    cfg.data.train_shards = str(tmp_path / "shards-not-here")
+    OmegaConf.save(cfg, shipped / "config.yaml")
+    with pytest.raises(FileNotFoundError, match="shards-not-here"):  # no shards, no data config: refused
+        build_pipeline(shipped, runs / "coarse" / "demo", runs / "fine" / "demo", tmp_path / "p0")
+    shutil.copy(out / "data" / "config.yaml", shipped / "data_config.yaml")
+
+    demo_out = tmp_path / "out"
+    outputs, summary, _ = _shipped_step(demo_out, "multiview", shipped)()
+    assert outputs and all((demo_out / p).is_file() for p in outputs)
+    assert str(shipped) in summary and "2 steps" in summary
+    assert not list((demo_out / "checkpoints" / "multiview").glob(".tmp-*"))
+    pipe = build_pipeline(
+        demo_out / "checkpoints" / "multiview" / "demo",
+        runs / "coarse" / "demo",
+        runs / "fine" / "demo",
+        tmp_path / "pipe",
+    )
+    assert (pipe / "model_index.json").is_file()
+    with pytest.raises(ConfigError, match="from-scratch"):  # a folder that is not a trained run: before any work
+        load_demo_config(None, [f"train.multiview.pretrained={tmp_path / 'empty'}"])
+
+
+def test_from_scratch_trains_every_stage(monkeypatch, tmp_path):
+    """`one2345pp demo --from-scratch` clears every stage's shipped model (train.<stage>.pretrained=null)."""
+    import one2345pp.demo as demo_module
+    from one2345pp import cli
+
+    seen = {}
+
+    def fake_run_demo(out, config, overrides, force=False):
+        seen["cfg"] = load_demo_config(config, overrides)[1]
+        return 0
+
+    monkeypatch.setattr(demo_module, "run_demo", fake_run_demo)
+    monkeypatch.chdir(REPO)  # the default config's paths are relative to the repository root
+    assert cli.main(["demo", "--out", str(tmp_path / "o"), "--from-scratch"]) == 0
+    assert all(getattr(seen["cfg"].train, s).pretrained is None for s in ("multiview", "coarse", "fine", "texture"))
