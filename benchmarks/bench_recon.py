@@ -236,13 +236,14 @@ def gpu_timing(
     fine_steps: int = 20,
     overrides: list[str] | tuple = (),
     tiny: bool = False,
+    bf16: bool | None = None,
 ) -> dict:
     """Seconds for one coarse ``coarse_steps`` and one fine ``fine_steps`` sampling at the full preset (randomly
     initialised weights; the speed does not depend on them; the fine support is a sphere shell's, see
     :func:`sphere_shell`), batch 1, bf16 autocast on CUDA. ``dev`` defaults to
     CUDA (unavailable without it); bench_pipeline also runs it on the CPU as a check with few steps. ``overrides``
     apply to both stages' configs (bench_gpu points the encoders at local folders); ``tiny`` takes the tiny presets
-    (64 px views) instead, as bench_gpu's dry run does."""
+    (64 px views) instead, as bench_gpu's dry run does; ``bf16`` (default: on CUDA) sets the autocast."""
     if dev is None:
         if not torch.cuda.is_available():
             return {"available": False, "reason": "no CUDA device"}
@@ -274,7 +275,7 @@ def gpu_timing(
         if cuda:
             torch.cuda.synchronize(dev)
 
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda if bf16 is None else bf16):
         for _rep in range(2 if cuda else 1):  # the first CUDA run warms up kernels and caches
             sync()
             t0 = time.time()
