@@ -449,6 +449,7 @@ def run_row(ctx: Ctx, name: str, fn) -> None:
     except NotRun as exc:
         ctx.emit(name, "not_run", reason=str(exc), seconds=time.perf_counter() - t0)
     except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
+        traceback.print_exc()  # the whole story in the log; the record keeps its end
         tb = traceback.format_exc().strip().splitlines()
         ctx.emit(
             name,
