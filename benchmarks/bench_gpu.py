@@ -1085,6 +1085,24 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def wait_for_build(args, proc: subprocess.Popen, timeout: float, clock: Clock) -> dict:
+    """The nvdiffrast build's record, after waiting at most ``timeout`` seconds for it (then it is stopped). A build
+    that did not finish is recorded as such, so that the pipeline group refines nothing rather than build again."""
+    if proc.poll() is None:
+        clock.say("waiting for the nvdiffrast build")
+        try:
+            proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            clock.say("nvdiffrast build: stopped (time budget)")
+    path = args.work / "nvdiffrast_build.json"
+    if not path.is_file():
+        path.write_text(json.dumps({"status": "not finished", "returncode": proc.returncode}))
+    build = json.loads(path.read_text())
+    clock.say(f"nvdiffrast build: {build.get('status')}")
+    return build
+
+
 def scene_note(path: Path) -> str:
     """What the dry run can check of the texture rows: that their scene file reads."""
     try:
@@ -1141,16 +1159,15 @@ def parent_main(args) -> int:
                 continue
             limit = min(cap, left)
             t_group = time.time()
-            if group.name in ("texture", "pipeline") and build_proc is not None and build_proc.poll() is None:
-                clock.say("waiting for the nvdiffrast build")
-                try:
-                    build_proc.wait(timeout=max(1.0, limit - 30))
-                except subprocess.TimeoutExpired:
-                    stop(build_proc)
-                    clock.say("nvdiffrast build: stopped (time budget)")
-                status = args.work / "nvdiffrast_build.json"
-                if not status.is_file():  # the pipeline group then refines nothing rather than building again
-                    status.write_text(json.dumps({"status": "stopped", "seconds": time.time() - args.t0}))
+            if group.name in ("texture", "pipeline") and build_proc is not None:
+                build = wait_for_build(args, build_proc, limit - 30, clock)
+                if build.get("status") != "ok" and group.name == "texture":  # no second build in the child
+                    why = build.get("reason") or build.get("status")
+                    why = f"nvdiffrast did not build ({why}; see nvdiffrast_build.log)"
+                    for n in names:
+                        records[n] = {"name": n, "status": "error", "reason": why}
+                    clock.say(f"group {group.name}: {why}")
+                    continue
                 limit = min(cap - (time.time() - t_group), deadline - time.time())
             clock.say(f"group {group.name}: {', '.join(names)} (limit {limit:.0f} s)")
             proc = start_child(args, group.name)
