@@ -41,10 +41,19 @@ FOLLOW_DATA ?= data/heldout-follow
 FOLLOW_OUT  ?= outputs/bench-multiview-follow
 SWEEP       ?=
 TRIALS      ?= 4
+# What the GPU machine lacks (it reaches no package registry; Python 3.12, x86_64): wheels downloaded here into
+# GPU_WHEELS_DIR (ignored by git, carried to the machine; < 64 MiB with the scene file). omegaconf 2.4 vendors its
+# antlr4 runtime; diffrp-nvdiffrast is nvdiffrast's source, compiled there with nvcc on first use.
+GPU_WHEELS_DIR ?= .whl
+GPU_WHEELS  ?= diffusers==0.42.1 omegaconf==2.4.0 webdataset==1.0.2 braceexpand==0.1.7 trimesh==5.2.0 \
+               xatlas==0.0.11 diffrp-nvdiffrast==0.3.3.1
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+               --platform manylinux2014_x86_64 --platform manylinux1_x86_64
 
 .PHONY: help setup system-deps test demo data train-stage sweep export eval-gso lint clean \
         bench-data bench-multiview bench-sparse bench-recon bench-texture bench-pipeline bench-multiview-follow \
         ship-multiview
+.PHONY: bench-gpu gpu-wheels
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-16s %s\n", $$1, $$2}'
@@ -160,6 +169,19 @@ ship-multiview: $(STAMP) ## retrain the shipped tiny multi-view model -> checkpo
 
 bench-pipeline: $(STAMP) ## seconds per stage for one image: the demo's tiny pipeline (CPU), full preset (CUDA)
 	$(PY) benchmarks/bench_pipeline.py $(ARGS)
+
+bench-gpu: ## every GPU row in one call -> outputs/bench-gpu/bench_gpu.{json,md} (ARGS=--dry-run: CPU, tiny sizes)
+	$(PY) benchmarks/bench_gpu.py $(ARGS)
+
+gpu-wheels: ## GPU_WHEELS_DIR=.whl: the wheels the GPU machine lacks + bench-gpu's CPU-rendered scene (< 64 MiB)
+	rm -f $(GPU_WHEELS_DIR)/*.whl  # one version of each: two stop the install there
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_WHEELS_DIR) $(GPU_WHEELS)
+	@test -x $(PY) || { echo "error: $(PY) is missing: the scene file needs the virtualenv (make setup)" >&2; exit 1; }
+	$(PY) benchmarks/bench_gpu.py --write-scene $(GPU_WHEELS_DIR)/bench_gpu_scene.npz
+	@ls -l $(GPU_WHEELS_DIR); size=$$(du -sb $(GPU_WHEELS_DIR) | cut -f1); \
+	echo "$(GPU_WHEELS_DIR): $$((size / 1048576)) MiB ($$size bytes; the device carries at most 64 MiB)"; \
+	test $$size -lt 67108864 || { echo "error: $(GPU_WHEELS_DIR) is over 64 MiB" >&2; exit 1; }
 
 clean: ## remove build outputs (keeps .venv and data)
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache

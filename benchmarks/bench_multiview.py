@@ -79,18 +79,25 @@ def time_sampling(pipe, cond: torch.Tensor, samples: int, device: torch.device) 
     return (time.perf_counter() - t0) / samples
 
 
-def bench(
-    name: str, cfg: MultiViewConfig, device: torch.device, batch_size: int, steps: int, samples: int, bf16: bool
-) -> dict:
+def build_module(cfg: MultiViewConfig, device: torch.device, batch_size: int) -> tuple[MultiViewModule, dict]:
+    """The stage's module with random weights of its preset on ``device`` and a synthetic batch of ``batch_size``."""
     components = random_components(cfg.model.preset, cfg.model.init_seed, device=device)
     m = MultiViewModule(cfg, components).to(device)
-    n_unet = sum(p.numel() for p in m.unet.parameters())
-    n_train = sum(p.numel() for p in m.trainable_parameters())
     view, cond_px = cfg.model.view_size, cfg.model.cond_size
     batch = {
         "cond": smooth_images(batch_size, cond_px, cond_px, device, seed=0),
         "target": smooth_images(batch_size, 3 * view, 2 * view, device, seed=1),
     }
+    return m, batch
+
+
+def bench(
+    name: str, cfg: MultiViewConfig, device: torch.device, batch_size: int, steps: int, samples: int, bf16: bool
+) -> dict:
+    m, batch = build_module(cfg, device, batch_size)
+    n_unet = sum(p.numel() for p in m.unet.parameters())
+    n_train = sum(p.numel() for p in m.trainable_parameters())
+    view = cfg.model.view_size
     t_step = time_training(m, batch, steps, device, bf16)
     if device.type == "cuda":
         peak_train = torch.cuda.max_memory_allocated(device) / 2**30

@@ -82,21 +82,14 @@ def tiny_cpu(pipeline_dir: Path, image: Path | None, repeats: int) -> dict:
     }
 
 
-def full_preset(device: torch.device, scale: float) -> dict:
-    """Full-size stages with random weights on ``device`` (bf16 autocast on CUDA)."""
-    from bench_recon import gpu_timing  # coarse 50 + fine 20 steps at the full preset, one place for it
-    from bench_texture import scene
-
-    from one2345pp.config import load_config, to_object
+def multiview_pipeline(preset: str, device: torch.device, dtype: torch.dtype):
+    """The multi-view pipeline of a preset with random weights (``full``: SD2 / ViT-H sizes, 320 px views) on
+    ``device`` in ``dtype``, progress bar off."""
     from one2345pp.models.multiview_builders import random_components
     from one2345pp.models.multiview_pipeline import MultiViewDiffusionPipeline
-    from one2345pp.stages.texture import TextureSettings, TextureStageConfig, texture_mesh
 
-    steps = {k: max(1, round(v * scale)) for k, v in {"multiview": 28, "coarse": 50, "fine": 20}.items()}
-    out: dict = {"device": str(device), "steps": steps}
-    if device.type == "cuda":
-        out["device_name"] = torch.cuda.get_device_name(device)
-    c = random_components("full")
+    size = 320 if preset == "full" else 64
+    c = random_components(preset, device=device)  # built where it runs: the CPU initialisation is slow
     mv = MultiViewDiffusionPipeline(
         unet=c.unet,
         vae=c.vae,
@@ -104,10 +97,26 @@ def full_preset(device: torch.device, scale: float) -> dict:
         image_encoder=c.image_encoder,
         feature_extractor=c.feature_extractor,
         conditioner=c.conditioner,
-        view_size=320,
-        cond_size=320,
-    ).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        view_size=size,
+        cond_size=size,
+    ).to(device, dtype)
     mv.set_progress_bar_config(disable=True)
+    return mv
+
+
+def full_preset(device: torch.device, scale: float) -> dict:
+    """Full-size stages with random weights on ``device`` (bf16 autocast on CUDA)."""
+    from bench_recon import gpu_timing  # coarse 50 + fine 20 steps at the full preset, one place for it
+    from bench_texture import scene
+
+    from one2345pp.config import load_config, to_object
+    from one2345pp.stages.texture import TextureSettings, TextureStageConfig, texture_mesh
+
+    steps = {k: max(1, round(v * scale)) for k, v in {"multiview": 28, "coarse": 50, "fine": 20}.items()}
+    out: dict = {"device": str(device), "steps": steps}
+    if device.type == "cuda":
+        out["device_name"] = torch.cuda.get_device_name(device)
+    mv = multiview_pipeline("full", device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     cond = Image.fromarray(np.full((320, 320, 3), 127, np.uint8))
     for rep in range(2 if device.type == "cuda" else 1):  # the first CUDA run warms up kernels
         sync(device)
@@ -123,7 +132,7 @@ def full_preset(device: torch.device, scale: float) -> dict:
         sync(device)
         out["multiview_s"] = time.perf_counter() - t0
     out["grid"] = list(res.views[0].shape)
-    del mv, c
+    del mv
     if device.type == "cuda":
         torch.cuda.empty_cache()
     recon = gpu_timing(device, steps["coarse"], steps["fine"])

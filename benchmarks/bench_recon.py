@@ -221,21 +221,42 @@ def evaluate(
     return rows
 
 
-def gpu_timing(dev: torch.device | None = None, coarse_steps: int = 50, fine_steps: int = 20) -> dict:
+def sphere_shell(resolution: int, device, radius: float = 0.35) -> torch.Tensor:
+    """Occupancy ``[1, 1, R, R, R]`` in {-1, +1} of a sphere shell two cells thick: the stand-in for the result of an
+    untrained coarse stage (random weights give no surface, or noise that would make the fine support arbitrary)."""
+    c = -0.5 + (torch.arange(resolution, device=device) + 0.5) / resolution
+    x, y, z = torch.meshgrid(c, c, c, indexing="ij")
+    shell = (torch.sqrt(x * x + y * y + z * z) - radius).abs() < 1.0 / resolution
+    return shell[None, None].float() * 2 - 1
+
+
+def gpu_timing(
+    dev: torch.device | None = None,
+    coarse_steps: int = 50,
+    fine_steps: int = 20,
+    overrides: list[str] | tuple = (),
+    tiny: bool = False,
+    bf16: bool | None = None,
+) -> dict:
     """Seconds for one coarse ``coarse_steps`` and one fine ``fine_steps`` sampling at the full preset (randomly
-    initialised weights; the speed does not depend on them), batch 1, bf16 autocast on CUDA. ``dev`` defaults to
-    CUDA (unavailable without it); bench_pipeline also runs it on the CPU as a check with few steps."""
+    initialised weights; the speed does not depend on them; the fine support is a sphere shell's, see
+    :func:`sphere_shell`), batch 1, bf16 autocast on CUDA. ``dev`` defaults to
+    CUDA (unavailable without it); bench_pipeline also runs it on the CPU as a check with few steps. ``overrides``
+    apply to both stages' configs (bench_gpu points the encoders at local folders); ``tiny`` takes the tiny presets
+    (64 px views) instead, as bench_gpu's dry run does; ``bf16`` (default: on CUDA) sets the autocast."""
     if dev is None:
         if not torch.cuda.is_available():
             return {"available": False, "reason": "no CUDA device"}
         dev = torch.device("cuda")
     cuda = dev.type == "cuda"
-    ccfg = to_object(load_config(coarse_stage.CoarseConfig, ROOT / "experiments/coarse.yaml", []))
-    fcfg = to_object(load_config(fine_stage.FineConfig, ROOT / "experiments/fine.yaml", []))
+    folder, size = (ROOT / "experiments/tiny", 64) if tiny else (ROOT / "experiments", 320)
+    ccfg = to_object(load_config(coarse_stage.CoarseConfig, folder / "coarse.yaml", list(overrides)))
+    fcfg = to_object(load_config(fine_stage.FineConfig, folder / "fine.yaml", list(overrides)))
     try:
         coarse = coarse_stage.CoarseModel(ccfg.model).to(dev).eval()
         fine = fine_stage.FineModel(fcfg.model).to(dev).eval()
-        encoders = "DINOv2 + CLIP"
+        kinds = {ccfg.model.condition.image_features.kind, ccfg.model.global_embedding.kind}
+        encoders = "DINOv2 + CLIP" if kinds == {"dinov2", "clip"} else " + ".join(sorted(kinds))
     except OSError as exn:  # hub weights unreachable: same networks with the small CNN encoders
         for c in (ccfg, fcfg):
             c.model.condition.image_features.kind = "cnn"
@@ -246,15 +267,15 @@ def gpu_timing(dev: torch.device | None = None, coarse_steps: int = 50, fine_ste
     from one2345pp.cameras import framing_distance, get_layout, multiview_cameras
 
     layout = get_layout("zero123pp-v1.2")
-    cams = multiview_cameras(0.0, layout, framing_distance(layout.fov_deg, 0.9), 320)
-    views, cond = torch.rand(1, 6, 3, 320, 320, device=dev), torch.rand(1, 3, 320, 320, device=dev)
+    cams = multiview_cameras(0.0, layout, framing_distance(layout.fov_deg, 0.9), size)
+    views, cond = torch.rand(1, 6, 3, size, size, device=dev), torch.rand(1, 3, size, size, device=dev)
     out = {"available": True, "device": torch.cuda.get_device_name(dev) if cuda else str(dev), "encoders": encoders}
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize(dev)
 
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda if bf16 is None else bf16):
         for _rep in range(2 if cuda else 1):  # the first CUDA run warms up kernels and caches
             sync()
             t0 = time.time()
@@ -262,11 +283,9 @@ def gpu_timing(dev: torch.device | None = None, coarse_steps: int = 50, fine_ste
             occ = coarse.sample(views, cams, cond, steps=coarse_steps, generator=gen)
             sync()
             t1 = time.time()
-            if not (occ > 0).any():  # untrained weights: use a sphere shell as the coarse result
-                r = occ.shape[-1]
-                c = -0.5 + (torch.arange(r, device=dev) + 0.5) / r
-                x, y, z = torch.meshgrid(c, c, c, indexing="ij")
-                occ = ((torch.sqrt(x * x + y * y + z * z) - 0.35).abs() < 1.0 / r)[None, None].float() * 2 - 1
+            # untrained weights give no surface or noise: the fine stage works on a sphere shell's support, about
+            # the size of a real object's, so that its time does not depend on the random coarse result
+            occ = sphere_shell(occ.shape[-1], dev)
             gen = torch.Generator(dev).manual_seed(0)
             fine.sample(views, cams, cond, coarse_occ=occ, steps=fine_steps, generator=gen)
             sync()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,12 @@ from scipy.sparse.csgraph import connected_components
 
 from one2345pp.geometry.extraction import (
     ExtractionConfig,
+    cleanup,
+    cleanup_numpy,
     extract_mesh,
     extract_meshes,
     marching_cubes,
+    sample_colors,
     scatter_to_grid,
 )
 from one2345pp.geometry.mesh_io import load_mesh, save_mesh
@@ -106,6 +111,31 @@ def test_cleanup_removes_a_tiny_component_and_decimates():
     small_mesh = extract_mesh(keys, sdf, colors, ExtractionConfig(resolution=R, target_faces=2000))
     assert 1000 < small_mesh.num_faces <= 2000
     assert np.abs(np.linalg.norm(small_mesh.vertices, axis=1) - 0.3).max() < 1.0 / R
+
+
+def test_numpy_cleanup_matches_pymeshlab_and_replaces_it_when_absent(monkeypatch):
+    big, big_sdf, big_col = sphere_cells(0.3)
+    small, small_sdf, small_col = sphere_cells(0.04, (0.42, 0.42, 0.42))
+    keys, sdf = np.concatenate([big, small]), np.concatenate([big_sdf, small_sdf])
+    grids = scatter_to_grid(keys, sdf, R, 1.0, np.concatenate([big_col, small_col]))
+    verts, faces = marching_cubes(grids.sdf, 0.0, pad_value=1.0, snap=0.01)
+    colors = sample_colors(grids, verts)
+    kw = {"merge_distance": 0.01 / R, "min_component_fraction": 0.05}  # the pipeline's defaults
+    ref, ours = cleanup(verts, faces, colors, **kw), cleanup_numpy(verts, faces, colors, **kw)
+    assert len(ours[1]) == len(ref[1]) < len(faces)  # the small sphere is removed by both
+    assert np.allclose(np.sort(ours[0], axis=0), np.sort(ref[0], axis=0), atol=1e-6)
+    assert np.allclose(np.sort(ours[2], axis=0), np.sort(ref[2], axis=0), atol=1.01 / 255)  # pymeshlab: 8 bit
+    corners = [np.sort(v[f].reshape(len(f), -1), axis=0) for v, f, _ in (ours, ref)]
+    assert np.allclose(*corners, atol=1e-6)
+    merged = cleanup_numpy(verts, faces, colors, merge_distance=0.5 / R)  # coarser merging: fewer, valid faces
+    assert len(merged[0]) < len(verts) and (merged[1][:, 0] != merged[1][:, 1]).all()
+    assert merged[1].max() == len(merged[0]) - 1 and len(merged[2]) == len(merged[0])
+
+    monkeypatch.setitem(sys.modules, "pymeshlab", None)  # a machine without pymeshlab (the GPU benchmark's)
+    mesh = extract_mesh(keys, sdf, None, ExtractionConfig(resolution=R, min_component_fraction=0.05))
+    assert mesh.num_faces == len(ref[1])
+    with pytest.raises(ImportError, match="pymeshlab"):
+        extract_mesh(keys, sdf, None, ExtractionConfig(resolution=R, target_faces=2000))
 
 
 def test_extract_meshes_from_a_sparse_batch(tmp_path):

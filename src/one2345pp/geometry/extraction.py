@@ -11,7 +11,9 @@
 4. :func:`sample_colors`: vertex colours by trilinear interpolation of the colour volume, using only cells of the
    support (weights renormalised); a vertex with no support cell among its 8 neighbours takes the nearest one's.
 5. :func:`cleanup` with pymeshlab: merge close vertices, remove duplicate faces and vertices, remove components
-   smaller than a fraction of the faces, optional quadric decimation to a target face count.
+   smaller than a fraction of the faces, optional quadric decimation to a target face count. Where pymeshlab is not
+   installed (the GPU machines of ``benchmarks/bench_gpu.py``), the same steps but decimation run in numpy
+   (:func:`cleanup_numpy`); decimation then is an error.
 
 :func:`extract_mesh` runs all of it and returns a :class:`~one2345pp.geometry.mesh.Mesh` with per-corner colours,
 ready for :func:`one2345pp.geometry.mesh_io.save_mesh` (PLY, OBJ or GLB).
@@ -19,6 +21,7 @@ ready for :func:`one2345pp.geometry.mesh_io.save_mesh` (PLY, OBJ or GLB).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +32,9 @@ from scipy.spatial import cKDTree
 
 from ..utils.optional import require
 from .mesh import Material, Mesh
+
+log = logging.getLogger(__name__)
+_warned_numpy = False  # the numpy cleanup's warning is logged once per process
 
 SNAP = 0.01  # grid values closer to the level than SNAP * truncation are pushed off it (see marching_cubes)
 
@@ -177,8 +183,20 @@ def cleanup(
     target_faces: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """pymeshlab cleanup -> (vertices, faces, vertex colours or None). ``merge_distance`` is absolute (same units
-    as ``verts``); components with fewer than ``min_component_fraction * F`` faces are removed."""
-    ml = require("pymeshlab")
+    as ``verts``); components with fewer than ``min_component_fraction * F`` faces are removed. Without pymeshlab:
+    :func:`cleanup_numpy` (a warning, once), unless ``target_faces`` asks for decimation."""
+    try:
+        ml = require("pymeshlab")
+    except ImportError:
+        if target_faces is not None:
+            raise
+        global _warned_numpy
+        if not _warned_numpy:
+            log.warning("pymeshlab is not installed: mesh cleanup runs in numpy (no decimation)")
+            _warned_numpy = True
+        return cleanup_numpy(
+            verts, faces, colors, merge_distance=merge_distance, min_component_fraction=min_component_fraction
+        )
     kwargs = {"vertex_matrix": np.asarray(verts, np.float64), "face_matrix": np.asarray(faces, np.int32)}
     if colors is not None:
         rgba = np.concatenate([colors, np.ones((len(colors), 1), np.float32)], axis=1)
@@ -207,6 +225,47 @@ def cleanup(
     m = ms.current_mesh()
     out_colors = m.vertex_color_matrix()[:, :3].astype(np.float32) if colors is not None else None
     return m.vertex_matrix().astype(np.float64), m.face_matrix().astype(np.int64), out_colors
+
+
+def cleanup_numpy(
+    verts: np.ndarray,
+    faces: np.ndarray,
+    colors: np.ndarray | None = None,
+    *,
+    merge_distance: float = 0.0,
+    min_component_fraction: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`cleanup` without pymeshlab and without decimation: vertices closer than ``merge_distance`` merge into
+    the lowest-numbered one of their cluster, faces that lose a corner and repeated faces (same corners in any order;
+    the first is kept) go, then components with fewer than ``min_component_fraction * F`` faces and unreferenced
+    vertices."""
+    verts = np.asarray(verts, np.float64)
+    faces = np.asarray(faces, np.int64).reshape(-1, 3)
+    n = len(verts)
+    if merge_distance > 0 and n > 1:
+        pairs = cKDTree(verts).query_pairs(float(merge_distance), output_type="ndarray")
+        graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        _, label = connected_components(graph, directed=False)
+        first = np.full(label.max() + 1, n, dtype=np.int64)
+        np.minimum.at(first, label, np.arange(n))
+        faces = first[label][faces]
+        ok = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
+        faces = faces[ok]
+    _, keep = np.unique(np.sort(faces, axis=1), axis=0, return_index=True)
+    faces = faces[np.sort(keep)]
+    if min_component_fraction > 0 and len(faces):
+        min_faces = int(np.ceil(min_component_fraction * len(faces)))
+        if min_faces > 1:
+            a = np.concatenate([faces[:, 0], faces[:, 1]])
+            b = np.concatenate([faces[:, 1], faces[:, 2]])
+            _, label = connected_components(coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)))
+            face_label = label[faces[:, 0]]
+            faces = faces[np.bincount(face_label)[face_label] >= min_faces]
+    used = np.unique(faces)
+    remap = np.full(n, -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    out_colors = np.asarray(colors, np.float32)[used] if colors is not None else None
+    return verts[used], remap[faces], out_colors
 
 
 def to_mesh(verts: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None, source: str = "") -> Mesh:
