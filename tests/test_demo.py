@@ -36,6 +36,7 @@ train:
     pretrained: null
     max_steps: 2
     overrides: [model.view_size=32, model.cond_size=32, train.cond_size_min=32, train.cond_size_max=32,
+                train.vae_fit.steps=20,
                 val.num_images=1, val.num_inference_steps=2, data.view_resolution=32, data.cond_resolution=32,
                 data.batch_size=2, data.epoch_samples=2, data.num_workers=0, data.shuffle_buffer=2,
                 trainer.limit_val_batches=1, optim.warmup_steps=0]
