@@ -81,7 +81,9 @@ def time_sampling(pipe, cond: torch.Tensor, samples: int, device: torch.device) 
 
 def build_module(cfg: MultiViewConfig, device: torch.device, batch_size: int) -> tuple[MultiViewModule, dict]:
     """The stage's module with random weights of its preset on ``device`` and a synthetic batch of ``batch_size``."""
-    components = random_components(cfg.model.preset, cfg.model.init_seed, device=device)
+    components = random_components(
+        cfg.model.preset, cfg.model.init_seed, device=device, condition_concat=cfg.model.condition_concat
+    )
     m = MultiViewModule(cfg, components).to(device)
     view, cond_px = cfg.model.view_size, cfg.model.cond_size
     batch = {

@@ -37,6 +37,9 @@ from one2345pp.stages.multiview import MultiViewConfig, MultiViewModule, export,
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny" / "multiview.yaml"
 SMALL = [  # 32 px views and conditions keep the tests fast
+    # the method's conditioning (reference attention and CLIP only); the tiny preset's concatenated condition has
+    # its own test below, and the demo test trains the preset as configured
+    "model.condition_concat=false",
     "model.view_size=32",
     "model.cond_size=32",
     "train.cond_size_min=32",
@@ -210,7 +213,7 @@ def test_dropout_and_guidance_use_the_one_unconditional_branch(monkeypatch):
 
 # -------------------------------------------------------------------------------------------- targets and loss
 def test_v_target_is_the_schedulers_velocity_and_min_snr_weights():
-    m = module()
+    m = module("train.min_snr_gamma=5.0")
     g = torch.Generator().manual_seed(0)
     z0, noise = torch.randn(4, 4, 12, 8, generator=g), torch.randn(4, 4, 12, 8, generator=g)
     t = torch.tensor([0, 10, 500, 999])
@@ -228,6 +231,7 @@ def test_v_target_is_the_schedulers_velocity_and_min_snr_weights():
     torch.testing.assert_close(x_t, (ac.sqrt() * z0 + (1 - ac).sqrt() * noise).float())
     snr = (ac / (1 - ac)).flatten()
     torch.testing.assert_close(m.loss_weights(t), (snr.clamp(max=5.0) / (snr + 1)).float())
+    torch.testing.assert_close(module("train.min_snr_gamma=null").loss_weights(t), torch.ones(4))  # plain v-MSE
     sampler = make_sampler("euler_a", m.sampler_scheduler.config)
     assert sampler.config.prediction_type == "v_prediction" and sampler.config.beta_schedule == "linear"
     assert sampler.config.timestep_spacing == "trailing"

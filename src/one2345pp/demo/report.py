@@ -118,6 +118,25 @@ def _stages_table(out: Path, state: DemoState, run_name: str) -> list[str]:
     return rows
 
 
+def _models_note(cfg: DemoConfig) -> str:
+    """Which models the demo trained here and which came shipped with the repository."""
+    shipped = {n: getattr(cfg.train, n).pretrained for n in STAGE_NAMES if getattr(cfg.train, n).pretrained}
+    trained = [n for n in STAGE_NAMES if n not in shipped]
+    text = (
+        f"The {', '.join(trained)} model{'s' if len(trained) > 1 else ''} here {'were' if len(trained) > 1 else 'was'} "
+        "trained from scratch in minutes on a CPU with the tiny presets (64 px views, 32^3 / 64^3 volumes)"
+        if trained
+        else "No model was trained here"
+    )
+    for name, folder in shipped.items():
+        text += (
+            f"; the {name} model is the tiny one shipped in {folder} (trained from random weights on this machine "
+            f"type by `make ship-multiview`, see {folder}/MODEL_CARD.md; `one2345pp demo --from-scratch` trains it "
+            "here instead)"
+        )
+    return f'<p class="note">{e(text)}. A check that the whole chain works and learns, not the paper\'s quality.</p>'
+
+
 def _condition_note(out: Path, run_name: str) -> list[str]:
     """What the multi-view run's last ``val/cond_gain`` says about the generated views (nothing when not logged)."""
     gain = training_metrics(out / "checkpoints" / "multiview" / run_name).get("val/cond_gain")
@@ -259,9 +278,7 @@ def write_index(
         f"took {seconds:.0f} s wall-clock; steps finished by an earlier run were skipped and show that run's "
         f"seconds. Load average at the start / end of this run: {e(str(run.get('load_start')))} / "
         f"{e(str(load_average()))}.</p>",
-        '<p class="note">Every model here was trained from scratch in minutes on a CPU with the tiny presets (64 px '
-        "views, 32^3 / 64^3 volumes, a randomly initialised multi-view model): a check that the whole chain works "
-        "and learns, not the paper's quality.</p>",
+        _models_note(cfg),
         "<h2>Steps</h2>",
         *_steps_table(out, state),
         f'<p class="note">Resolved config: {_link(out, "demo_config.yaml")}; step records: '
