@@ -313,6 +313,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--sampler", default="euler_a", help="euler_a (the pipeline's default) or ddim")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gamma", type=float, default=5.0, help="Min-SNR gamma of cond_gain (<= 0: unweighted)")
     ap.add_argument("--draws", type=int, default=2, help="noise draws per timestep bucket for the loss figures")
@@ -340,6 +341,7 @@ def main(argv=None) -> dict:
         cond,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
+        sampler=args.sampler,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
     )
