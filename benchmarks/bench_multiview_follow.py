@@ -1,12 +1,13 @@
 """Does the multi-view stage follow its input? Scores an exported multi-view pipeline on held-out objects.
 
     .venv/bin/python benchmarks/bench_multiview_follow.py --pipeline RUN/export --shards data/heldout/shard-*.tar
-        [--limit 16] [--steps 28] [--guidance 4] [--diagnose] [--out DIR]
+        [--limit 16] [--steps 28] [--guidance G] [--sampler euler_a|ddim] [--raw-condition] [--diagnose] [--out DIR]
 
 The held-out shards are built by ``one2345pp data build`` from a procedural seed the model never trained on (``make
 bench-multiview-follow`` builds 16 objects of seed 3000 with the tiny data recipe). Each object's condition view goes
 through the product's own input path (``pipeline.preprocess``: framing, gray background) and the pipeline's default
-sampling; the generated 3x2 grid is compared, at the pipeline's view size on gray, with the object's ground-truth grid:
+sampling (28 Euler-ancestral steps, the folder's own ``guidance_scale``); the generated 3x2 grid is compared, at the
+pipeline's view size on gray, with the object's ground-truth grid:
 
 * ``identification``: share of objects whose generated grid is nearer (mean squared error) to their own ground-truth
   grid than to any other held-out object's;
@@ -312,7 +313,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shards", nargs="+", required=True, help="held-out shard paths or glob patterns")
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--steps", type=int, default=28)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the pipeline folder's own")
     ap.add_argument("--sampler", default="euler_a", help="euler_a (the pipeline's default) or ddim")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gamma", type=float, default=5.0, help="Min-SNR gamma of cond_gain (<= 0: unweighted)")
@@ -337,10 +338,11 @@ def main(argv=None) -> dict:
         raise ValueError(f"need at least 2 held-out objects, got {len(samples)}")
     cond = condition_images(samples, int(pipe.config.cond_size), raw=args.raw_condition)
     truth = torch.stack([s["grid"] for s in samples]).float()
+    guidance = args.guidance if args.guidance is not None else float(pipe.config.get("guidance_scale", 4.0))
     out = pipe(
         cond,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        guidance_scale=guidance,
         sampler=args.sampler,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
@@ -354,6 +356,7 @@ def main(argv=None) -> dict:
     result = {
         "pipeline": str(args.pipeline),
         "heldout_seed": heldout_seed(args.shards),
+        "sampling": {"steps": args.steps, "guidance": guidance, "sampler": args.sampler},
         **follow_metrics(generated, truth),
     }
     gamma = args.gamma if args.gamma > 0 else None
@@ -385,7 +388,11 @@ def print_table(r: dict) -> None:
         ("cond_gain (Min-SNR weighted)", f"{r['cond_gain']:.3f}", ">= 0.2"),
         ("cross-input MSE of generated grids", f"{r['cross_input_mse']:.4f}", "> 0"),
     ]
-    print(f"multi-view follow-the-input, {r['objects']} held-out objects ({r['seconds']:.0f} s)")
+    smp = r["sampling"]
+    print(
+        f"multi-view follow-the-input, {r['objects']} held-out objects of seed {r['heldout_seed']}, "
+        f"{smp['steps']} {smp['sampler']} steps, guidance {smp['guidance']:g} ({r['seconds']:.0f} s)"
+    )
     print(f"| {'figure':38s} | {'measured':>9s} | target |")
     for name, value, target in rows:
         print(f"| {name:38s} | {value:>9s} | {target} |")

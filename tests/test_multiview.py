@@ -644,6 +644,14 @@ def test_condition_concat_hands_the_condition_to_every_tile_and_travels_with_the
     pipe = MultiViewDiffusionPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.condition_concat is True
+    assert pipe.config.guidance_scale == m.cfg.val.guidance_scale == 2.0  # the tiny recipe's, the call's default
+    plain = {"num_inference_steps": 2, "output_type": "pt"}
+    torch.testing.assert_close(
+        pipe(cond[0], generator=torch.Generator().manual_seed(1), **plain).grid,
+        pipe(cond[0], generator=torch.Generator().manual_seed(1), guidance_scale=2.0, **plain).grid,
+        rtol=0,
+        atol=0,
+    )
     torch.testing.assert_close(
         pipe(cond[0], generator=torch.Generator().manual_seed(1), **kw).grid, a, atol=1e-4, rtol=0
     )

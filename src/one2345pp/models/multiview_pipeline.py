@@ -430,6 +430,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         view_size: int = 320,
         cond_size: int = 320,
         condition_concat: bool = False,
+        guidance_scale: float = 4.0,
     ):
         super().__init__()
         install_reference_attention(unet)
@@ -441,7 +442,10 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
             feature_extractor=feature_extractor,
             conditioner=conditioner,
         )
-        self.register_to_config(view_size=view_size, cond_size=cond_size, condition_concat=condition_concat)
+        # guidance_scale: the default of __call__, the value the model was validated with (the method's 4)
+        self.register_to_config(
+            view_size=view_size, cond_size=cond_size, condition_concat=condition_concat, guidance_scale=guidance_scale
+        )
 
     @torch.no_grad()
     def encode_condition(
@@ -466,7 +470,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         self,
         image,
         num_inference_steps: int = 28,
-        guidance_scale: float = 4.0,
+        guidance_scale: float | None = None,
         sampler: str = "euler_a",
         generator: torch.Generator | list[torch.Generator] | None = None,
         view_size: int | None = None,
@@ -478,7 +482,8 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         ``view_size``: pixels per generated view (default: the trained size in the config); ``cond_size``: size the
         reference image is resized to (the CLIP input is made from the original); ``sampler``: ``"euler_a"``
         (Euler-ancestral) or ``"ddim"``, over the stored scheduler's config (trailing spacing where this project wrote
-        it); ``guidance_scale`` <= 1 turns classifier-free guidance off; ``output_type``: ``"pil"`` or ``"pt"``.
+        it); ``guidance_scale``: None takes the folder's ``guidance_scale`` (the scale it was validated with, 4 unless
+        its training set another), <= 1 turns classifier-free guidance off; ``output_type``: ``"pil"`` or ``"pt"``.
         """
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
@@ -492,6 +497,8 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={value} must be a multiple of the VAE downsampling factor {factor}")
         single = not isinstance(image, (list, tuple)) and not (isinstance(image, torch.Tensor) and image.ndim == 4)
         device = self._execution_device
+        if guidance_scale is None:
+            guidance_scale = float(self.config.get("guidance_scale", 4.0))
         guided = guidance_scale > 1.0
         hidden, ref_latents = self.encode_condition(image, cond_size, guided, generator)
         batch = hidden.shape[0] // 2 if guided else hidden.shape[0]

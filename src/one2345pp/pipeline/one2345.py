@@ -76,7 +76,7 @@ class PipelineSettings:
     extent: float = 0.9  # longest side of the normalised objects (data.normalize_extent)
     view_size: int | None = None  # pixels per generated view; None: the multi-view stage's trained size
     num_inference_steps: int = 28
-    guidance_scale: float = 4.0
+    guidance_scale: float | None = None  # None: the multi-view model's own default (its folder's guidance_scale)
     sampler: str = "euler_a"  # "euler_a" or "ddim"
     coarse_steps: int = 50
     fine_steps: int = 20
@@ -343,7 +343,9 @@ class One2345PPPipeline:
         run = {
             "seed": int(seed),
             "num_inference_steps": int(pick(num_inference_steps, s.num_inference_steps)),
-            "guidance_scale": float(pick(guidance_scale, s.guidance_scale)),
+            "guidance_scale": float(
+                pick(guidance_scale, pick(s.guidance_scale, self.multiview.config.get("guidance_scale", 4.0)))
+            ),
             "sampler": pick(sampler, s.sampler),
             "coarse_steps": int(pick(coarse_steps, s.coarse_steps)),
             "fine_steps": int(pick(fine_steps, s.fine_steps)),
