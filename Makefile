@@ -162,6 +162,7 @@ ship-multiview: $(STAMP) ## retrain the shipped tiny multi-view model -> checkpo
 	$(CLI) train --stage multiview --config experiments/tiny/multiview.yaml data.train_shards=$(SHIP_DATA) \
 		run.name=ship trainer.max_steps=$(SHIP_STEPS) $$resume $(ARGS) || exit 1; \
 	seconds=$$(( $$(date +%s) - start )); \
+	$(CLI) export --stage multiview --run $$run || exit 1; \
 	$(MAKE) --no-print-directory bench-multiview-follow PIPELINE=$$run/export ARGS= || exit 1; \
 	$(PY) tools/ship_run.py --run $$run --data $(SHIP_DATA) --bench $(FOLLOW_OUT)/follow.json \
 		--train-seconds $$seconds --out $(SHIPPED_MULTIVIEW) \
