@@ -40,7 +40,7 @@ import numpy as np
 
 from .mesh import Material, Mesh, MeshError, concatenate
 
-__all__ = ["Y_UP_TO_Z_UP", "Z_UP_TO_Y_UP", "gltf_bytes", "linear_to_srgb", "read_gltf", "srgb_to_linear"]
+__all__ = ["GlbBuffer", "Y_UP_TO_Z_UP", "Z_UP_TO_Y_UP", "gltf_bytes", "linear_to_srgb", "read_gltf", "srgb_to_linear"]
 
 # glTF (+Y up, front +Z) -> the project's frame (+Z up), as Blender's importer turns it: (x, y, z) -> (x, -z, y)
 Y_UP_TO_Z_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
@@ -427,7 +427,10 @@ def _read_primitive(doc: _Document, prim: dict, world: np.ndarray, materials: _M
 
 
 # ----------------------------------------------------------------------------------------------------- writing
-class _Builder:
+class GlbBuffer:
+    """The binary chunk of a GLB being written: blobs as 4-byte aligned buffer views of one buffer, with their
+    accessors (shared by this module's writer and :mod:`one2345pp.texture.export`)."""
+
     def __init__(self):
         self.blob = bytearray()
         self.views: list[dict] = []
@@ -442,17 +445,18 @@ class _Builder:
         self.views.append(entry)
         return len(self.views) - 1
 
-    def accessor(self, arr: np.ndarray, ctype: int, kind: str, target: int, bounds: bool = False) -> int:
+    def accessor(self, arr: np.ndarray, ctype: int, kind: str, target: int, bounds: bool = False, **extra) -> int:
         arr = np.ascontiguousarray(arr)
         entry = {
             "bufferView": self.view(arr.tobytes(), target),
             "componentType": ctype,
-            "count": len(arr),
+            "count": int(arr.shape[0]),
             "type": kind,
+            **extra,
         }
         if bounds:
-            entry["min"] = arr.min(0).tolist()
-            entry["max"] = arr.max(0).tolist()
+            entry["min"] = [float(x) for x in arr.min(axis=0)]
+            entry["max"] = [float(x) for x in arr.max(axis=0)]
         self.accessors.append(entry)
         return len(self.accessors) - 1
 
@@ -472,7 +476,7 @@ def _linear_rgba(c: np.ndarray) -> list[float]:
 
 def gltf_bytes(mesh: Mesh) -> bytes:
     """The GLB file of ``mesh`` (project frame, +Z up) in glTF's convention (+Y up); see the module docstring."""
-    b = _Builder()
+    b = GlbBuffer()
     to_gltf = Z_UP_TO_Y_UP  # inverse of the reading rule: (x, y, z) -> (x, z, -y)
     doc: dict = {"asset": {"version": "2.0", "generator": "one2345pp"}}
     images, textures, gl_materials, primitives, used_ext = [], [], [], [], set()

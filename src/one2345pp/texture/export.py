@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..geometry.gltf import Z_UP_TO_Y_UP, srgb_to_linear
+from ..geometry.gltf import Z_UP_TO_Y_UP, GlbBuffer, srgb_to_linear
 from ..geometry.mesh import Material, Mesh, sample_texture
 
 __all__ = ["EXPORT_SUFFIXES", "TexturedMesh", "export_mesh", "save_glb", "save_obj", "save_ply"]
@@ -181,42 +181,9 @@ def _target(path: str | os.PathLike, suffix: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------- GLB
-class _GlbBuilder:
-    """Collects binary blobs as 4-byte aligned buffer views of one buffer, with their accessors."""
-
-    def __init__(self):
-        self.blob = bytearray()
-        self.views: list[dict] = []
-        self.accessors: list[dict] = []
-
-    def view(self, data: bytes, target: int | None = None) -> int:
-        while len(self.blob) % 4:
-            self.blob.append(0)
-        entry = {"buffer": 0, "byteOffset": len(self.blob), "byteLength": len(data)}
-        if target is not None:
-            entry["target"] = target
-        self.blob += data
-        self.views.append(entry)
-        return len(self.views) - 1
-
-    def accessor(self, array: np.ndarray, ctype: int, kind: str, target: int, bounds: bool = False, **extra) -> int:
-        entry = {
-            "bufferView": self.view(np.ascontiguousarray(array).tobytes(), target),
-            "componentType": ctype,
-            "count": int(array.shape[0]),
-            "type": kind,
-            **extra,
-        }
-        if bounds:
-            entry["min"] = [float(x) for x in array.min(axis=0)]
-            entry["max"] = [float(x) for x in array.max(axis=0)]
-        self.accessors.append(entry)
-        return len(self.accessors) - 1
-
-
 def glb_bytes(tm: TexturedMesh) -> bytes:
     """The GLB file of ``tm`` in glTF's convention: +Y up, linear ``COLOR_0`` (see the module docstring)."""
-    b = _GlbBuilder()
+    b = GlbBuffer()
     positions = (tm.vertices @ Z_UP_TO_Y_UP.T).astype(np.float32)  # +Z up -> glTF's +Y up
     normals = _unit_normals(tm) @ Z_UP_TO_Y_UP.T.astype(np.float32)  # a signed permutation: still unit length
     attributes = {
