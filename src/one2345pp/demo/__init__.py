@@ -160,10 +160,13 @@ def _shipped_step(out: Path, name: str, shipped: Path):
         dest = out / "checkpoints" / name / RUN_NAME
         tmp = dest.with_name(f".tmp-{RUN_NAME}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(shipped, tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        try:
+            shutil.copytree(shipped, tmp)
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         rel = f"checkpoints/{name}/{RUN_NAME}"
         summary = f"shipped model {shipped} ({shipped / 'MODEL_CARD.md'}); {stage_summary(name, dest)}"
         return [f"{rel}/{f}" for f in SHIPPED_FILES[name]], summary, None
