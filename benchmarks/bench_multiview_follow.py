@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
-import tarfile
 import time
 from pathlib import Path
 
@@ -39,6 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from one2345pp.cameras import untile
+from one2345pp.data.decode import composite, read_rgba
+from one2345pp.demo.heldout import shard_fields
 from one2345pp.models.multiview_pipeline import (
     GRAY,
     MultiViewDiffusionPipeline,
@@ -65,22 +66,12 @@ def read_heldout(patterns: list[str], limit: int | None) -> list[dict]:
     paths = sorted({p for pattern in patterns for p in glob.glob(pattern)})
     if not paths:
         raise FileNotFoundError(f"no shards match {patterns}")
-    samples: dict[str, dict] = {}
-    for path in paths:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                uid, _, name = member.name.partition(".")
-                if name in ("cond0.png", "mv0.png"):
-                    samples.setdefault(uid, {})[name] = np.asarray(
-                        Image.open(io.BytesIO(tar.extractfile(member).read()))
-                    )
     out = []
-    for uid, fields in list(samples.items())[:limit]:
+    for uid, fields in list(shard_fields(paths, ("cond0.png", "mv0.png")).items())[:limit]:
         if set(fields) != {"cond0.png", "mv0.png"}:
             raise ValueError(f"held-out sample {uid} lacks cond0.png or mv0.png")
-        grid = fields["mv0.png"].astype(np.float32) / 255.0
-        on_gray = grid[..., :3] * grid[..., 3:] + GRAY * (1.0 - grid[..., 3:])
-        out.append({"uid": uid, "cond": fields["cond0.png"], "grid": torch.from_numpy(on_gray).permute(2, 0, 1)})
+        grid, _ = composite(read_rgba(fields, "mv0.png"), GRAY)
+        out.append({"uid": uid, "cond": read_rgba(fields, "cond0.png"), "grid": grid})
     return out
 
 
@@ -99,8 +90,7 @@ def condition_images(samples: list[dict], size: int, raw: bool = False) -> torch
     """The product's input path: each RGBA condition through ``preprocess_image`` (framing, gray) -> [N, 3, s, s];
     ``raw``: the rendered condition as the training shards hold it, only composited on gray."""
     if raw:
-        rgba = torch.from_numpy(np.stack([s["cond"] for s in samples])).float().div(255.0).permute(0, 3, 1, 2)
-        return rgba[:, :3] * rgba[:, 3:] + GRAY * (1.0 - rgba[:, 3:])
+        return composite(np.stack([s["cond"] for s in samples]), GRAY)[0]
     cfg = PreprocessConfig(size=size)
     rgb = [preprocess_image(Image.fromarray(s["cond"]), cfg)[0] for s in samples]
     return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 255.0
@@ -112,16 +102,9 @@ def silhouette(images: torch.Tensor) -> torch.Tensor:
     return ((images - GRAY).abs() > SILHOUETTE_THRESHOLD).any(dim=-3)
 
 
-def views_of(grids: torch.Tensor) -> torch.Tensor:
-    """[N, 3, 3h, 2w] -> [N, 6, 3, h, w] (row-major tiles)."""
-    n, c, gh, gw = grids.shape
-    h, w = gh // 3, gw // 2
-    return grids.reshape(n, c, 3, h, 2, w).permute(0, 2, 4, 1, 3, 5).reshape(n, 6, c, h, w)
-
-
 def view_scores(generated: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-object mean over views of PSNR and silhouette IoU; grids [N, 3, 3h, 2w] in [0, 1]."""
-    g, t = views_of(generated), views_of(truth)
+    g, t = untile(generated), untile(truth)
     mse = (g - t).square().mean(dim=(2, 3, 4)).clamp_min(1e-10)
     psnr = (10.0 * torch.log10(1.0 / mse)).mean(dim=1)
     a, b = silhouette(g), silhouette(t)
@@ -160,8 +143,8 @@ def encode(pipe, images: torch.Tensor, generator: torch.Generator, unconditional
         hidden, ref = unconditional_condition(pipe.conditioner, pipe.vae, len(images), size, generator)
         refs = torch.full((len(images), 3, size, size), GRAY)
     else:
-        hidden, ref = pipe.encode_condition(images, size, guided=False, generator=generator)
-        refs = condition_inputs(images, size, pipe.feature_extractor)[0]
+        refs, clip_input = condition_inputs(images, size, pipe.feature_extractor)
+        hidden, ref = pipe.encode_inputs(refs, clip_input, guided=False, generator=generator)
     concat = (None, None)
     if pipe.config.condition_concat:
         concat = concat_condition(pipe.vae, refs, int(pipe.config.view_size))

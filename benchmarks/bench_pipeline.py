@@ -86,20 +86,10 @@ def multiview_pipeline(preset: str, device: torch.device, dtype: torch.dtype):
     """The multi-view pipeline of a preset with random weights (``full``: SD2 / ViT-H sizes, 320 px views) on
     ``device`` in ``dtype``, progress bar off."""
     from one2345pp.models.multiview_builders import random_components
-    from one2345pp.models.multiview_pipeline import MultiViewDiffusionPipeline
 
     size = 320 if preset == "full" else 64
     c = random_components(preset, device=device)  # built where it runs: the CPU initialisation is slow
-    mv = MultiViewDiffusionPipeline(
-        unet=c.unet,
-        vae=c.vae,
-        scheduler=c.scheduler,
-        image_encoder=c.image_encoder,
-        feature_extractor=c.feature_extractor,
-        conditioner=c.conditioner,
-        view_size=size,
-        cond_size=size,
-    ).to(device, dtype)
+    mv = c.pipeline(size, size).to(device, dtype)
     mv.set_progress_bar_config(disable=True)
     return mv
 

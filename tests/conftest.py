@@ -150,12 +150,8 @@ def tiny_fine_model(steps: int = 15, seed: int = 0):
 def tiny_multiview(seed: int = 0, view_size: int = TINY_VIEW):
     """The tiny preset's multi-view pipeline at random (``seed``), ``view_size`` px views."""
     from one2345pp.models.multiview_builders import random_components
-    from one2345pp.models.multiview_pipeline import MultiViewDiffusionPipeline
 
-    c = random_components("tiny", seed)
-    pipe = MultiViewDiffusionPipeline(
-        c.unet, c.vae, c.scheduler, c.image_encoder, c.feature_extractor, c.conditioner, view_size, view_size
-    )
+    pipe = random_components("tiny", seed).pipeline(view_size, view_size)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

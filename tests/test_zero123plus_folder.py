@@ -243,16 +243,7 @@ def published(folder) -> Published:
 @pytest.fixture(scope="module")
 def pipe(folder) -> MultiViewDiffusionPipeline:
     c = build_components(MultiViewModelConfig(pretrained=str(folder), view_size=VIEW, cond_size=COND))
-    p = MultiViewDiffusionPipeline(
-        unet=c.unet,
-        vae=c.vae,
-        scheduler=c.scheduler,
-        image_encoder=c.image_encoder,
-        feature_extractor=c.feature_extractor,
-        conditioner=c.conditioner,
-        view_size=VIEW,
-        cond_size=COND,
-    )
+    p = c.pipeline(VIEW, COND)
     p.set_progress_bar_config(disable=True)
     return p
 

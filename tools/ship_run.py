@@ -13,7 +13,6 @@ the shards themselves are not there) and ``MODEL_CARD.md`` (command, config, dat
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -23,16 +22,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from one2345pp.demo.steps import training_metrics
 from one2345pp.pipeline.build import RUN_DATA_CONFIG
-
-
-def last_metrics(metrics_csv: Path) -> dict[str, float]:
-    """The last logged value of every column of a Lightning CSV log."""
-    out: dict[str, float] = {}
-    with metrics_csv.open() as f:
-        for row in csv.DictReader(f):
-            out.update({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return out
 
 
 def manifest_count(data: Path) -> int:
@@ -43,7 +34,7 @@ def manifest_count(data: Path) -> int:
 def model_card(run: Path, data: Path, bench: dict, seconds: float, command: str, note: str = "") -> str:
     cfg = OmegaConf.load(run / "config.yaml")
     data_cfg = OmegaConf.load(data / "config.yaml").data
-    m = last_metrics(run / "logs" / "metrics.csv")
+    m = training_metrics(run)
     size = sum(p.stat().st_size for p in (run / "export").rglob("*") if p.is_file())
     rows = [
         ("identification (own ground-truth grid nearest)", f"{bench['identification']:.3f}", ">= 0.75"),
@@ -71,7 +62,7 @@ demo, and why the tiny recipe departs from the paper (`model.condition_concat`),
   (`experiments/tiny/data.yaml`: {data_cfg.view_resolution} px views, {data_cfg.cond_samples} condition views per
   object); their shard config is `{RUN_DATA_CONFIG}`. The last shard was held out for validation.
 - **Seed**: run.seed {cfg.run.seed}, model.init_seed {cfg.model.init_seed}
-- **Steps**: {int(m.get("step", 0)) + 1} optimizer steps at batch {cfg.data.batch_size} (VAE fit first:
+- **Steps**: {cfg.trainer.max_steps} optimizer steps at batch {cfg.data.batch_size} (VAE fit first:
   {cfg.train.vae_fit.steps} steps)
 - **Wall time**: {seconds / 60:.1f} min for the training command
 - **Weights**: `export/` (a `MultiViewDiffusionPipeline` folder, safetensors, {size / 2**20:.1f} MiB);

@@ -46,7 +46,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..config import ConfigError, config_diff, load_config, save_config, to_object
-from .config import RUN_ONLY_KEYS, SHIPPED_FILES, STAGE_NAMES, DemoConfig, DemoStageConfig, load_demo_config
+from ..pipeline.build import resolve_run
+from .config import RUN_ONLY_KEYS, STAGE_NAMES, DemoConfig, DemoStageConfig, load_demo_config
 from .heldout import FOLDER as HELDOUT
 from .heldout import INDEX as HELDOUT_INDEX
 from .heldout import SHARDS as HELDOUT_SHARDS
@@ -167,9 +168,10 @@ def _shipped_step(out: Path, name: str, shipped: Path):
             os.replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        rel = f"checkpoints/{name}/{RUN_NAME}"
+        src = resolve_run(name, dest)
+        outputs = [dest / "config.yaml", src.export_dir or src.checkpoint]
         summary = f"shipped model {shipped} ({shipped / 'MODEL_CARD.md'}); {stage_summary(name, dest)}"
-        return [f"{rel}/{f}" for f in SHIPPED_FILES[name]], summary, None
+        return [p.relative_to(out).as_posix() for p in outputs], summary, None
 
     return step
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, load_config, to_object
+from ..pipeline.build import resolve_run
 
 STAGE_NAMES = ("multiview", "coarse", "fine", "texture")
 SHIPPED_MULTIVIEW = "checkpoints/tiny/multiview"
-# what a shipped run folder must hold (the pipeline export reads config.yaml and export/ as from a trained run)
-SHIPPED_FILES = {"multiview": ("config.yaml", "export/model_index.json")}
+SHIPPABLE = ("multiview",)  # stages whose trained run folder the demo can take instead of training them
 # keys that change how the demo runs, not what it makes: free to differ when a demo is resumed
 RUN_ONLY_KEYS = ("jobs", "threads", "progress_interval")
 
@@ -146,14 +146,17 @@ def check_config(cfg: DemoConfig) -> None:
         shipped = getattr(cfg.train, name).pretrained
         if shipped is None:
             continue
-        if name not in SHIPPED_FILES:
-            problems.append(f"train.{name}.pretrained={shipped}: only {', '.join(SHIPPED_FILES)} can be shipped")
+        if name not in SHIPPABLE:
+            problems.append(f"train.{name}.pretrained={shipped}: only {', '.join(SHIPPABLE)} can be shipped")
             continue
-        lacking = [f for f in SHIPPED_FILES[name] if not (Path(shipped) / f).is_file()]
-        if lacking:
+        try:  # a run folder that the pipeline export accepts as trained
+            if not Path(shipped).is_dir():
+                raise FileNotFoundError(f"{shipped} is not a folder")
+            resolve_run(name, shipped)
+        except FileNotFoundError as exc:
             problems.append(
-                f"train.{name}.pretrained={shipped}: lacks {', '.join(lacking)} (a trained run folder is needed; "
-                "or run `one2345pp demo --from-scratch` to train every stage)"
+                f"train.{name}.pretrained={shipped}: {exc} (a trained run folder is needed; or run "
+                "`one2345pp demo --from-scratch` to train every stage)"
             )
     files = [("data.config", cfg.data.config), ("eval.config", cfg.eval.config)]
     files += [(f"train.{n}.config", getattr(cfg.train, n).config) for n in STAGE_NAMES]

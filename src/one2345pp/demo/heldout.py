@@ -32,6 +32,18 @@ def _on_gray(png: bytes) -> bytes:
     return buf.getvalue()
 
 
+def shard_fields(shards, fields) -> dict[str, dict[str, bytes]]:
+    """``{uid: {field: bytes}}`` of the named ``fields`` of every sample in the shard files, in shard order."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                uid, _, field = member.name.partition(".")
+                if field in fields:
+                    samples.setdefault(uid, {})[field] = tar.extractfile(member).read()
+    return samples
+
+
 def extract_images(out: Path, limit: int | None = None) -> list[dict]:
     """``OUT/heldout/shards/shard-*.tar`` -> ``OUT/heldout/<uid>.png`` (the RGBA condition view 0: the pipeline takes
     its alpha as the mask) and ``<uid>_gt_views.png`` (its six target views on gray), for the first ``limit``
@@ -41,13 +53,7 @@ def extract_images(out: Path, limit: int | None = None) -> list[dict]:
     shards = sorted((out / SHARDS).glob("shard-*.tar"))
     if not shards:
         raise FileNotFoundError(f"no shard-*.tar in {out / SHARDS}")
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                uid, _, field = member.name.partition(".")
-                if field in ("cond0.png", "mv0.png", "cams.json"):
-                    samples.setdefault(uid, {})[field] = tar.extractfile(member).read()
+    samples = shard_fields(shards, ("cond0.png", "mv0.png", "cams.json"))
     records = []
     for uid, fields in list(samples.items())[:limit]:
         missing = {"cond0.png", "mv0.png", "cams.json"} - set(fields)

@@ -192,6 +192,21 @@ class MultiViewComponents:
     conditioner: GlobalConditioner
     scheduler: EulerAncestralDiscreteScheduler
 
+    def pipeline(self, view_size: int, cond_size: int, **config) -> MultiViewDiffusionPipeline:
+        """The pipeline over these components; ``config``: its other config values (``condition_concat``,
+        ``guidance_scale``)."""
+        return MultiViewDiffusionPipeline(
+            unet=self.unet,
+            vae=self.vae,
+            scheduler=self.scheduler,
+            image_encoder=self.image_encoder,
+            feature_extractor=self.feature_extractor,
+            conditioner=self.conditioner,
+            view_size=view_size,
+            cond_size=cond_size,
+            **config,
+        )
+
 
 def _preset(name: str) -> dict[str, dict]:
     if name not in PRESETS:

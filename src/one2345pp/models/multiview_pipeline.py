@@ -457,10 +457,15 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         conditional reference first, then the unconditional one (the published order)."""
         cond_size = int(cond_size or self.config.cond_size)
         refs, clip_input = condition_inputs(image, cond_size, self.feature_extractor)
+        return self.encode_inputs(refs, clip_input, guided, generator)
+
+    def encode_inputs(self, refs: torch.Tensor, clip_input: torch.Tensor, guided: bool, generator):
+        """:meth:`encode_condition` from the outputs of :func:`condition_inputs`."""
         hidden = global_condition(self.image_encoder, self.conditioner, clip_input)
         ref = encode_reference(self.vae, refs.to(self.vae.device), generator)
         if guided:
-            u_hidden, u_ref = unconditional_condition(self.conditioner, self.vae, refs.shape[0], cond_size, generator)
+            size = refs.shape[-1]
+            u_hidden, u_ref = unconditional_condition(self.conditioner, self.vae, refs.shape[0], size, generator)
             hidden, ref = torch.cat([u_hidden, hidden]), torch.cat([u_ref, ref])
         device = self._execution_device
         return hidden.to(device=device, dtype=self.unet.dtype), ref.to(device=device, dtype=self.unet.dtype)
@@ -500,11 +505,11 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         if guidance_scale is None:
             guidance_scale = float(self.config.get("guidance_scale", 4.0))
         guided = guidance_scale > 1.0
-        hidden, ref_latents = self.encode_condition(image, cond_size, guided, generator)
-        batch = hidden.shape[0] // 2 if guided else hidden.shape[0]
+        refs, clip_input = condition_inputs(image, cond_size, self.feature_extractor)
+        hidden, ref_latents = self.encode_inputs(refs, clip_input, guided, generator)
+        batch = refs.shape[0]
         concat = (None, None)
         if self.config.condition_concat:  # the unconditional branch's condition is the gray image here too
-            refs, _ = condition_inputs(image, cond_size, self.feature_extractor)
             refs = torch.cat([torch.full_like(refs, GRAY), refs]) if guided else refs
             concat = concat_condition(self.vae, refs.to(self.vae.device), view_size)
 

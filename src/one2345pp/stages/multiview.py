@@ -395,15 +395,15 @@ class MultiViewModule(LightningModule):
 
     # ---------------------------------------------------------------------------------------------- diffusion
     def encode_condition(
-        self, images: torch.Tensor, size: int | None = None, generator: torch.Generator | None = None
+        self, images: torch.Tensor, refs: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition images in [0, 1] -> (encoder hidden states [B, 77, D], reference latents), as the pipeline: the
-        CLIP input from the images as given, the reference from them resized (bicubic) to ``size`` (default: as
-        given)."""
+        CLIP input from the images as given, the reference from ``refs`` (the images resized for the reference;
+        default: the images as given)."""
         # (a frozen image encoder has requires_grad off: no graph through it)
         hidden = global_condition(self.image_encoder, self.conditioner, clip_pixels(images, self.feature_extractor))
         with torch.no_grad():
-            ref = encode_reference(self.vae, bicubic_resize(images, (size, size)) if size else images, generator)
+            ref = encode_reference(self.vae, images if refs is None else refs, generator)
         return hidden, ref
 
     def diffusion_targets(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
@@ -435,8 +435,8 @@ class MultiViewModule(LightningModule):
             return (*self.encode_condition(cond, generator=generator), cond)
         drop = _rand((cond.shape[0],), generator, cond.device, randn=False) < self.cfg.train.cond_dropout
         size = self.random_cond_size(generator)
-        hidden, ref = self.encode_condition(cond, size, generator)
         images = bicubic_resize(cond, (size, size))
+        hidden, ref = self.encode_condition(cond, images, generator)
         if drop.any():
             idx = drop.nonzero().flatten()
             with torch.no_grad():
