@@ -54,6 +54,7 @@ __all__ = [
     "MultiViewDiffusionPipeline",
     "MultiViewPipelineOutput",
     "bicubic_resize",
+    "bilinear_resize",
     "clip_pixels",
     "concat_condition",
     "condition_inputs",
@@ -160,14 +161,7 @@ def concat_condition(vae, images: torch.Tensor, view_size: int) -> tuple[torch.T
     size, for the record pass over the reference latent. Both are clean at every timestep: the path hands the UNet
     the input at the first convolution, where reference attention reaches it only through self-attention.
     """
-    size = (view_size, view_size)
-    one_view = (
-        images
-        if images.shape[-2:] == size
-        else F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False).clamp(
-            0.0, 1.0
-        )
-    )
+    one_view = bilinear_resize(images, (view_size, view_size))
     grid = condition_latent(vae, one_view).repeat(1, 1, GRID_ROWS, GRID_COLS)
     return grid, condition_latent(vae, images)
 
@@ -206,6 +200,14 @@ def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
         k = _cubic((np.arange(lo, hi) - center + 0.5) / filterscale)
         w[i, lo:hi] = k / k.sum() if k.sum() != 0.0 else k
     return w
+
+
+def bilinear_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, C, h, w]``, bilinear with antialiasing, clamped to [0, 1]; unchanged when already
+    that size (the concatenated condition's view, the validation sheets)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
 def bicubic_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

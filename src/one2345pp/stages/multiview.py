@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from omegaconf import DictConfig
 
@@ -47,6 +46,7 @@ from one2345pp.models.multiview_pipeline import (
     SAMPLERS,
     MultiViewDiffusionPipeline,
     bicubic_resize,
+    bilinear_resize,
     clip_pixels,
     concat_condition,
     encode_reference,
@@ -195,12 +195,6 @@ def _rand(shape, generator: torch.Generator | None, device, randn: bool = True) 
     return draw(shape, generator=generator, device=generator.device).to(device)
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-
-
 def sample_sheet(cond: torch.Tensor, generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """One row per sample: input | generated 3x2 grid | ground-truth 3x2 grid, on gray; ``[3, N * 3h, 3 * 2w]``.
 
@@ -208,10 +202,10 @@ def sample_sheet(cond: torch.Tensor, generated: torch.Tensor, target: torch.Tens
     ground-truth size.
     """
     n, _, gh, gw = target.shape
-    generated = F.interpolate(generated.float(), size=(gh, gw), mode="bilinear", antialias=True).clamp(0, 1)
+    generated = bilinear_resize(generated.float(), (gh, gw))
     side = min(gw, gh)
     panel = torch.full((n, 3, gh, gw), GRAY, device=target.device)
-    panel[:, :, :side, :side] = _resize(cond.float(), side)
+    panel[:, :, :side, :side] = bilinear_resize(cond.float(), (side, side))
     rows = torch.cat([panel, generated.to(target.device), target.float()], dim=-1)  # [N, 3, gh, 3 gw]
     return torch.cat(list(rows), dim=-2)
 
