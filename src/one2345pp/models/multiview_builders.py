@@ -86,6 +86,9 @@ class MultiViewModelConfig:
     # attention alone; a random tiny UNet did not learn to (docs/multiview_conditioning.md). A pretrained SD2 /
     # Zero123++ UNet has 4 input channels, so this stays off for them.
     condition_concat: bool = False
+    # Widths of the random preset's UNet levels (its ``block_out_channels``); null keeps the preset's. Only for
+    # random initialisation: a pretrained folder's UNet has its own.
+    unet_channels: list[int] | None = None
 
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -315,10 +318,15 @@ def _check(c: MultiViewComponents, source: str, concat: bool = False) -> MultiVi
 
 
 def random_components(
-    preset: str, seed: int = 0, device: str | torch.device = "cpu", condition_concat: bool = False
+    preset: str,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    condition_concat: bool = False,
+    unet_channels: list[int] | tuple[int, ...] | None = None,
 ) -> MultiViewComponents:
     """Every component at random from a preset, drawn from ``seed`` (global RNG state left untouched);
-    ``condition_concat`` doubles the UNet's input channels for the concatenated condition.
+    ``condition_concat`` doubles the UNet's input channels for the concatenated condition; ``unet_channels``
+    replaces the preset UNet's level widths.
 
     ``device``: where the networks are built and initialised (``"cuda"`` skips the slow CPU initialisation of the
     full preset; the draws then come from the CUDA generator, so the weights differ from a CPU build).
@@ -330,7 +338,9 @@ def random_components(
         torch.manual_seed(seed)
         vae = AutoencoderKL(**p["vae"])
         latent = vae.config.latent_channels
-        unet = UNet2DConditionModel(**p["unet"], in_channels=latent * (2 if condition_concat else 1))
+        unet = UNet2DConditionModel(
+            **_unet_config(p["unet"], unet_channels), in_channels=latent * (2 if condition_concat else 1)
+        )
         image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**p["image_encoder"]))
         text_cfg = CLIPTextConfig(**p["text_encoder"])
         text_encoder = CLIPTextModel(text_cfg).eval()
@@ -397,6 +407,19 @@ def _text_embedding(source: str) -> torch.Tensor:
     return empty_prompt_embedding(text_encoder, ids)
 
 
+def _unet_config(preset_unet: dict, channels: list[int] | tuple[int, ...] | None) -> dict:
+    if channels is None:
+        return preset_unet
+    levels = len(preset_unet["block_out_channels"])
+    groups = preset_unet["norm_num_groups"]
+    if len(channels) != levels or any(int(c) <= 0 or int(c) % groups for c in channels):
+        raise ValueError(
+            f"model.unet_channels={list(channels)} must give {levels} positive widths, each a multiple of the "
+            f"preset's norm_num_groups={groups}"
+        )
+    return {**preset_unet, "block_out_channels": tuple(int(c) for c in channels)}
+
+
 def _image_encoder(source: str, subfolder: str | None) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
     kw = {"subfolder": subfolder} if subfolder else {}
     encoder = CLIPVisionModelWithProjection.from_pretrained(source, **kw)
@@ -412,8 +435,15 @@ def _image_encoder(source: str, subfolder: str | None) -> tuple[CLIPVisionModelW
 def build_components(cfg: MultiViewModelConfig) -> MultiViewComponents:
     """All components for ``cfg`` (see the module docstring for what ``model.pretrained`` may name)."""
     if cfg.pretrained is None:
-        return random_components(cfg.preset, cfg.init_seed, condition_concat=cfg.condition_concat)
+        return random_components(
+            cfg.preset, cfg.init_seed, condition_concat=cfg.condition_concat, unet_channels=cfg.unet_channels
+        )
     src = cfg.pretrained
+    if cfg.unet_channels is not None:
+        raise ValueError(
+            f"model.unet_channels={list(cfg.unet_channels)} sizes a randomly initialised UNet, but "
+            f"model.pretrained={src!r} brings its own; set model.unet_channels=null"
+        )
     index = _read_index(src)
     kind = pretrained_kind(index)
     if kind == "export":

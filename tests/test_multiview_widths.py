@@ -1,0 +1,36 @@
+"""``model.unet_channels``: the widths of a randomly initialised multi-view UNet, kept through export and reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from one2345pp.models.multiview_builders import PRESETS, MultiViewModelConfig, build_components
+from one2345pp.models.multiview_pipeline import MultiViewDiffusionPipeline
+
+
+def test_preset_widths_by_default():
+    c = build_components(MultiViewModelConfig())
+    assert tuple(c.unet.config.block_out_channels) == tuple(PRESETS["tiny"]["unet"]["block_out_channels"])
+
+
+def test_wider_unet_round_trips(tmp_path):
+    c = build_components(MultiViewModelConfig(unet_channels=[16, 48, 64], condition_concat=True))
+    assert tuple(c.unet.config.block_out_channels) == (16, 48, 64)
+    assert c.unet.config.in_channels == 2 * c.vae.config.latent_channels
+    c.pipeline(view_size=64, cond_size=64, condition_concat=True).save_pretrained(tmp_path / "export")
+    loaded = MultiViewDiffusionPipeline.from_pretrained(tmp_path / "export")
+    assert tuple(loaded.unet.config.block_out_channels) == (16, 48, 64)
+    for name, p in c.unet.state_dict().items():
+        torch.testing.assert_close(loaded.unet.state_dict()[name], p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels", [[32, 64], [30, 64, 128], [0, 64, 128]])
+def test_bad_widths_are_named(channels):
+    with pytest.raises(ValueError, match=r"model\.unet_channels"):
+        build_components(MultiViewModelConfig(unet_channels=channels))
+
+
+def test_widths_refused_for_pretrained_folders(tmp_path):
+    with pytest.raises(ValueError, match=r"unet_channels.*model\.pretrained"):
+        build_components(MultiViewModelConfig(pretrained=str(tmp_path), unet_channels=[64, 128, 256]))
