@@ -90,7 +90,7 @@ setup: $(STAMP) $(GL_STAMP) ## virtualenv .venv with the package (editable), CPU
 test: $(STAMP) $(GL_STAMP) ## the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q tests
 
-test-fast: $(STAMP) $(GL_STAMP) ## the suite without the tests marked slow (about 1.5 min on 2 busy cores; make test: 4-10)
+test-fast: $(STAMP) $(GL_STAMP) ## the suite without the tests marked slow (about 1.5 min on 2 busy cores)
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP) ## end to end: procedural data, the 4 tiny stages, pipeline, infer, eval -> DEMO_DIR/index.html [ARGS=--force]
