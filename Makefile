@@ -50,7 +50,7 @@ GPU_WHEELS  ?= diffusers==0.42.1 omegaconf==2.4.0 webdataset==1.0.2 braceexpand=
 GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
                --platform manylinux2014_x86_64 --platform manylinux1_x86_64
 
-.PHONY: help setup system-deps test demo data train-stage sweep export eval-gso lint clean \
+.PHONY: help setup system-deps test test-fast demo data train-stage sweep export eval-gso lint clean \
         bench-data bench-multiview bench-sparse bench-recon bench-texture bench-pipeline bench-multiview-follow \
         ship-multiview
 .PHONY: bench-gpu gpu-wheels
@@ -90,6 +90,9 @@ setup: $(STAMP) $(GL_STAMP) ## virtualenv .venv with the package (editable), CPU
 test: $(STAMP) $(GL_STAMP) ## the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q tests
 
+test-fast: $(STAMP) $(GL_STAMP) ## the suite without the tests marked slow (about 1.5 min on 2 busy cores)
+	$(PY) -m pytest -q -m "not slow" tests
+
 demo: $(STAMP) ## end to end: procedural data, the 4 tiny stages, pipeline, infer, eval -> DEMO_DIR/index.html [ARGS=--force]
 	$(CLI) demo --config experiments/demo.yaml --out $(DEMO_DIR) $(ARGS)
 
@@ -125,8 +128,10 @@ eval-gso: $(STAMP) ## score a pipeline on GSO: GSO_DIR=... PIPELINE=... [EVAL_CO
 	$(CLI) eval --dataset gso --input $(GSO_DIR) --pipeline $(PIPELINE) --out $(EVAL_OUT) \
 		--config $(if $(EVAL_CONFIG),$(EVAL_CONFIG),experiments/eval/gso.yaml) $(if $(LIMIT),--limit $(LIMIT),) $(ARGS)
 
-lint: $(STAMP) ## ruff over the code
+# lint-imports reads the package from PYTHONPATH=src: this checkout's code, whichever checkout the venv installed
+lint: $(STAMP) ## ruff over the code, and the import contract of the layers (.importlinter)
 	$(VENV)/bin/ruff check src tests benchmarks data_pipelines
+	PYTHONPATH=src $(VENV)/bin/lint-imports --no-cache
 
 bench-data: $(STAMP) ## data pipeline throughput table
 	$(PY) benchmarks/bench_data.py $(ARGS)

@@ -230,6 +230,7 @@ def _mtimes(out: Path) -> dict[str, int]:
     return {p.parent.name: p.stat().st_mtime_ns for p in sorted((out / "objects").glob("*/metrics.json"))}
 
 
+@pytest.mark.slow
 def test_gso_run_tables_means_limit_resume_and_a_broken_object(tmp_path, tiny_pipeline_dir, model_paths):
     gso, out = tmp_path / "gso", tmp_path / "eval"
     write_gso_object(gso, "Ball", _sphere())
@@ -286,6 +287,7 @@ def test_gso_run_tables_means_limit_resume_and_a_broken_object(tmp_path, tiny_pi
         evaluate_dataset(**args, overrides=[*overrides, "points=2000"])
 
 
+@pytest.mark.slow
 def test_eval_command_on_two_procedural_objects_writes_its_tables(tmp_path, tiny_pipeline_dir, capsys):
     from one2345pp.cli import main
 
@@ -308,6 +310,7 @@ def test_eval_command_on_two_procedural_objects_writes_its_tables(tmp_path, tiny
     assert (out / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_cli_names_an_unreachable_clip_model_without_a_traceback(tmp_path, tiny_pipeline_dir, monkeypatch, capsys):
     from one2345pp.cli import main
 

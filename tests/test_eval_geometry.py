@@ -103,6 +103,7 @@ def test_degenerate_input_errors():
         sample_surface(np.zeros((3, 3)), np.zeros((0, 3), int), 10)
 
 
+@pytest.mark.slow
 def test_eval_mesh_cli(tmp_path, capsys):
     import json
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.meshes import icosphere
 from one2345pp.cameras import Camera
 from one2345pp.geometry.mesh import Mesh
 from one2345pp.models.color_field import ColorField, ColorFieldConfig
@@ -55,13 +56,6 @@ def _brute_force(vertices: np.ndarray, faces: np.ndarray, origin: np.ndarray, di
     return face.reshape(dirs.shape[:-1]), t.min(1).reshape(dirs.shape[:-1])
 
 
-def _icosphere(radius: float, subdivisions: int = 3) -> Mesh:
-    import trimesh
-
-    sphere = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
-    return Mesh(np.asarray(sphere.vertices), np.asarray(sphere.faces))
-
-
 @pytest.fixture(scope="module")
 def rasterizer() -> CpuRasterizer:
     return make_rasterizer("cpu")
@@ -106,7 +100,7 @@ def test_plane_ids_barycentrics_and_depth(rasterizer):
 # ------------------------------------------------------------------------------------------------------ sphere
 def test_sphere_against_analytic_and_brute_force(rasterizer):
     r = 0.4
-    mesh = _icosphere(r, 3)
+    mesh = icosphere(r, 3)
     camera = Camera(35.0, 20.0, DIST, FOV, RES, RES)
     rm = rasterizer.prepare(mesh)
     rast = rasterizer.rasterize(rm, [camera, Camera(200.0, -10.0, DIST, FOV, RES, RES)])
@@ -169,7 +163,7 @@ def test_uv_rasterisation_rows_and_texels(rasterizer):
 
 # ------------------------------------------------------------------------------------------------------ gradients
 def test_interpolation_and_field_gradients(rasterizer):
-    mesh = _icosphere(0.35, 2)
+    mesh = icosphere(0.35, 2)
     rm = rasterizer.prepare(mesh)
     rast = rasterizer.rasterize(rm, [Camera(10.0, 15.0, DIST, FOV, 32, 32)])
     attr = torch.randn(mesh.num_vertices, 2, requires_grad=True)
@@ -224,7 +218,7 @@ def test_bad_inputs(rasterizer):
         rasterizer.prepare((np.zeros((3, 3)), np.zeros((0, 3), int)))
     with pytest.raises(ValueError, match="face indices"):
         rasterizer.prepare((np.zeros((3, 3)), np.array([[0, 1, 3]])))
-    rm = rasterizer.prepare(_icosphere(0.3, 1))
+    rm = rasterizer.prepare(icosphere(0.3, 1))
     with pytest.raises(ValueError, match="share a resolution"):
         rasterizer.rasterize(rm, [Camera(0, 0, DIST, FOV, 8, 8), Camera(0, 0, DIST, FOV, 16, 16)])
     with pytest.raises(ValueError, match=r"\[F, 3, 2\]"):
@@ -232,7 +226,7 @@ def test_bad_inputs(rasterizer):
 
 
 def test_pixel_agreement(rasterizer):
-    rm = rasterizer.prepare(_icosphere(0.3, 2))
+    rm = rasterizer.prepare(icosphere(0.3, 2))
     cams = [Camera(0, 0, DIST, FOV, 24, 24)]
     a = rasterizer.rasterize(rm, cams)
     assert pixel_agreement(a, a) == 1.0

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-import trimesh
 
+from helpers.meshes import icosphere
 from one2345pp.cameras import Camera, camera_position
 from one2345pp.data.config import RenderConfig
 from one2345pp.geometry.mesh import Material, Mesh
@@ -23,8 +23,7 @@ FLAT = Light(np.array([0.0, 0.0, 1.0]), ambient=1.0, diffuse=0.0)  # shading = i
 
 
 def sphere_mesh(subdivisions: int = 5, radius: float = R_SPHERE) -> Mesh:
-    s = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
-    return Mesh(np.asarray(s.vertices), np.asarray(s.faces), materials=[Material("white", (1.0, 1.0, 1.0, 1.0))])
+    return icosphere(radius, subdivisions, Material("white", (1.0, 1.0, 1.0, 1.0)))
 
 
 @pytest.fixture(scope="module")

@@ -240,6 +240,7 @@ def test_impossible_settings_fail_before_anything_is_written(tmp_path, workers):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_two_workers_build_the_same_samples_as_one(tmp_path):
     one = build_shards("procedural", tmp_path / "one", tiny_cfg(), num_objects=3, workers=1, progress=False)
     two = build_shards("procedural", tmp_path / "two", tiny_cfg(), num_objects=3, workers=2, progress=False)

@@ -1,4 +1,6 @@
-"""Typed configs of the data side: rendering recipe, ground-truth volumes, procedural source, shards, loaders.
+"""Typed configs of the data side: procedural source, shards, loaders, and the build config that composes the
+rendering recipe (:class:`~one2345pp.rendering.base.RenderConfig`) and the ground-truth volumes
+(:class:`~one2345pp.geometry.volumes.VolumeConfig`).
 
 Every value here is a config key (``data.render.supersample=2`` on any command line); the choices the method left
 open are written down beside their defaults.
@@ -8,33 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass
-class RenderConfig:
-    background: str = "gray"  # "gray" (0.5) or "white"; RGBA outputs keep alpha either way
-    supersample: int = 3  # s x s samples at silhouette and triangle-edge pixels (adaptive anti-aliasing); 1 = off
-    ambient: float = 0.45  # Lambert + ambient: albedo * (ambient + diffuse * max(0, n.l))
-    diffuse: float = 0.55
-    light_azimuth_deg: float = 45.0  # a world-fixed directional light, so all views of an object agree
-    light_elevation_deg: float = 55.0
-    random_lighting: bool = False  # per object: random light direction (upper hemisphere) and ambient in [0.3, 0.6]
-    threads: int = 0  # open3d ray-casting threads, 0 = all (the shard builder sets 1 per worker process)
-    # single-sided glTF materials: False draws the back of their faces too, as Blender's Cycles does (the reference
-    # the renderings follow, and what the occupancy volume holds); True culls them as a real-time glTF viewer does
-    cull_back_faces: bool = False
-
-
-@dataclass
-class VolumeConfig:
-    coarse_resolution: int = 64  # occupancy shell grid; cell i has centre -0.5 + (i + 0.5) / R
-    fine_factor: int = 2  # fine support = children of occupied coarse cells at R * fine_factor (128^3)
-    # A coarse cell is occupied when |SDF| at its centre < shell_threshold coarse voxels. Any threshold of at least
-    # sqrt(3)/2 = 0.866 guarantees every surface point lies in an occupied cell; 1.0 is close to LAS-Diffusion's
-    # |SDF_128| < 1/32 in a [-1, 1] frame max-pooled to 64^3.
-    shell_threshold: float = 1.0
-    # SDF truncation used by the fine stage, in normalised units (LAS-Diffusion clips at 0.05 in [-1, 1]^3, which is
-    # 0.025 in our [-0.5, 0.5]^3). Stored SDF values are not clipped; the value is recorded in meta.json.
-    sdf_truncation: float = 0.025
+# The render and volume schemas live with what they configure (the renderer, the volume builder); a DataConfig
+# composes them, and they stay importable from here for the code and the saved configs that name them so.
+from ..geometry.volumes import VolumeConfig
+from ..rendering.base import RenderConfig
 
 
 @dataclass

@@ -30,7 +30,9 @@ from ..cameras import get_layout
 from ..config import ConfigError, config_diff, save_config
 from ..geometry.mesh import MeshError
 from ..geometry.mesh_io import resolve_up_axis
+from ..rendering.raycast import RaycastRenderer
 from .config import DataConfig
+from .sample import build_sample
 from .sources import SourceItem, list_items
 
 MANIFEST = "manifest.jsonl"
@@ -150,15 +152,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(cfg: DataConfig, threads: int) -> None:
-    from ..rendering.raycast import RaycastRenderer
-
     cfg = replace(cfg, render=replace(cfg.render, threads=threads))
     _WORKER.update(cfg=cfg, renderer=RaycastRenderer(cfg.render), threads=threads)
 
 
 def _process(item: SourceItem):
-    from .sample import build_sample
-
     cfg = _WORKER["cfg"]
     try:
         mesh = item.load(cfg.procedural, cfg.up_axis)
@@ -245,8 +243,6 @@ _RUN_ONLY_KEYS = ("render.threads", "shards.max_samples", "shards.png_compress_l
 
 def _check_settings(cfg: DataConfig) -> None:
     """Fail before anything is written when a setting cannot work (not once per object, nor inside a worker)."""
-    from ..rendering.raycast import RaycastRenderer
-
     get_layout(cfg.layout)
     resolve_up_axis("model.glb", cfg.up_axis)  # an unknown up axis fails here
     RaycastRenderer(cfg.render)

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..geometry.mesh import Mesh, MeshError
-from ..geometry.mesh_io import READ_SUFFIXES, load_mesh
+from ..geometry.mesh_io import READ_SUFFIXES, load_mesh, save_mesh
+from ..utils.optional import require
+from .procedural import generate_object, object_uid
 
 SOURCES = ("procedural", "folder", "gso", "objaverse")
 _UID_BAD = re.compile(r"[^A-Za-z0-9_-]+")
@@ -56,8 +58,6 @@ class SourceItem:
 
 def download_objaverse(uid: str) -> str:
     """Fetch one Objaverse object with the optional ``objaverse`` package; returns the local GLB path."""
-    from ..utils.optional import require
-
     objaverse = require("objaverse")
     found = objaverse.load_objects(uids=[uid])
     if uid not in found:
@@ -72,9 +72,6 @@ def materialise_procedural(item: SourceItem, cfg) -> str:
     ``up_axis=auto``. An object that mixes UV textures and vertex colours cannot be written as OBJ; it is written
     as GLB beside it. A file already there (from an earlier run) is reused.
     """
-    from ..geometry.mesh_io import save_mesh
-    from .procedural import generate_object
-
     path = Path(item.path)
     glb = path.with_suffix(".glb")
     for existing in (path, glb):
@@ -88,8 +85,6 @@ def materialise_procedural(item: SourceItem, cfg) -> str:
 
 
 def procedural_items(cfg, num_objects: int, mesh_dir: str | Path) -> list[SourceItem]:
-    from .procedural import object_uid
-
     formats = list(cfg.file_formats) or ["glb"]
     items = []
     for i in range(num_objects):

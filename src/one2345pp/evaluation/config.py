@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..data.config import ProceduralConfig, RenderConfig
+from ..data.config import ProceduralConfig
+from ..rendering.base import RenderConfig
 from .appearance import EvalViewsConfig
 from .geometry import AlignConfig
 

@@ -40,14 +40,18 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from ..cameras import Camera, get_layout
 from ..config import ConfigError, config_diff, load_config, save_config, to_object
 from ..data.sources import SourceItem, gso_items, procedural_items
 from ..geometry.mesh import Mesh, MeshError
 from ..geometry.mesh_io import normalize, resolve_up_axis
+from ..pipeline.one2345 import INDEX_FILE, One2345PPPipeline
+from ..texture.export import export_mesh
 from .config import RUN_ONLY_KEYS, EvalConfig
 from .report import _json_value, normalize_rows, summarize, write_report
+from .scoring import ObjectScorer, resolve_device, unavailable_metrics
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +207,6 @@ def evaluate_object(item: SourceItem, pipe, scorer, cfg: EvalConfig, out_dir: Pa
         result = pipe(Image.fromarray(rgba, "RGBA"), seed=cfg.seed, **call)
         _save_png(folder / "views.png", result.grid)
         row["views_image"] = (rel / "views.png").as_posix()
-        from ..texture.export import export_mesh
-
         mesh_name = f"mesh.{cfg.mesh_format}"
         export_mesh(result.mesh, folder / mesh_name)
         row["mesh"] = (rel / mesh_name).as_posix()
@@ -237,8 +239,6 @@ def evaluate_object(item: SourceItem, pipe, scorer, cfg: EvalConfig, out_dir: Pa
 
 # ------------------------------------------------------------------------------------------------------- runs
 def _check_pipeline_dir(path: Path) -> dict:
-    from ..pipeline.one2345 import INDEX_FILE
-
     if not path.is_dir():
         raise FileNotFoundError(f"pipeline folder not found: {path}")
     index = path / INDEX_FILE
@@ -297,10 +297,6 @@ def evaluate_dataset(
     reason), ``files`` (kind -> path) and ``out_dir``. A missing GSO folder, pipeline folder or model path, a folder
     that is not a pipeline, or a bad setting raises FileNotFoundError / ValueError / ConfigError before anything is
     evaluated."""
-    from tqdm import tqdm
-
-    from .scoring import ObjectScorer, resolve_device, unavailable_metrics
-
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     if limit is not None and limit < 1:
@@ -324,8 +320,6 @@ def evaluate_dataset(
     todo = [it for it in items if it.uid not in rows]
     skipped = len(items) - len(todo)
     if todo:
-        from ..pipeline.one2345 import One2345PPPipeline
-
         device = resolve_device(cfg.device)
         scorer = ObjectScorer(cfg, device)  # loads CLIP / LPIPS when configured: a bad path fails here
         pipe = One2345PPPipeline.from_pretrained(pipeline_dir, device=device)

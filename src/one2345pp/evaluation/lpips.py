@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .appearance import as_float_images
+
 __all__ = [
     "CONV_NAMES",
     "LAYERS",
@@ -256,8 +258,6 @@ def convert_official(
 def lpips_distance(model: LPIPS, pred, target, batch_size: int = 8) -> float:
     """Mean LPIPS over images ``[N, H, W, 3]`` / ``[H, W, 3]`` (uint8 or float in [0, 1]), e.g. the six generated
     views against their ground-truth renderings."""
-    from .appearance import as_float_images
-
     p, t = as_float_images(pred, "pred"), as_float_images(target, "target")
     if p.shape != t.shape:
         raise ValueError(f"pred and target shapes differ: {p.shape} vs {t.shape}")

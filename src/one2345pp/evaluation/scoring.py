@@ -26,9 +26,12 @@ import torch
 
 from ..cameras import Camera, tile
 from ..geometry.mesh import Mesh
-from .appearance import ClipConfig, clip_similarity, eval_views, load_clip, mask_iou, psnr
+from ..pipeline.preprocess import alpha_from_background
+from ..rendering.raycast import RaycastRenderer
+from .appearance import ClipConfig, as_float_images, clip_similarity, eval_views, load_clip, mask_iou, psnr
 from .config import EvalConfig
 from .geometry import evaluate_meshes
+from .lpips import load_lpips, lpips_distance
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,6 @@ class ObjectScorer:
     that is missing or unreadable is an error; unset: :attr:`unavailable` says why the column is empty."""
 
     def __init__(self, cfg: EvalConfig, device: torch.device | str = "cpu"):
-        from ..rendering.raycast import RaycastRenderer
-
         self.cfg = cfg
         self.device = torch.device(device)
         self.renderer = RaycastRenderer(cfg.render)
@@ -123,8 +124,6 @@ class ObjectScorer:
             )
         self.lpips = None
         if cfg.lpips.weights:
-            from .lpips import load_lpips
-
             self.lpips = load_lpips(cfg.lpips.weights, self.device)
 
     # ---------------------------------------------------------------------------------------------- pieces
@@ -137,9 +136,6 @@ class ObjectScorer:
 
     def view_metrics(self, generated: np.ndarray, gt_rgba: np.ndarray, alpha_threshold: float) -> dict:
         """``generated`` uint8 / float ``[6, H, W, 3]`` on gray against ground-truth renderings ``[6, H, W, 4]``."""
-        from ..pipeline.preprocess import alpha_from_background
-        from .appearance import as_float_images
-
         gen = as_float_images(generated, "generated views")
         if gen.shape[:-1] != gt_rgba.shape[:-1] or gen.shape[-1] != 3:
             raise ValueError(f"generated views {gen.shape} do not match the ground-truth renderings {gt_rgba.shape}")
@@ -153,8 +149,6 @@ class ObjectScorer:
             "lpips": None,
         }
         if self.lpips is not None:
-            from .lpips import lpips_distance
-
             out["lpips"] = lpips_distance(self.lpips, gen, gt_rgb, self.cfg.lpips.batch_size)
         return out
 

@@ -29,10 +29,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from .gltf import Y_UP_TO_Z_UP, gltf_bytes, read_gltf
 from .mesh import Material, Mesh, MeshError, concatenate
 
 READ_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".off", ".stl")
@@ -53,10 +55,6 @@ def resolve_up_axis(path: str | os.PathLike, up_axis: str = "auto") -> str:
 
 def y_up_to_z_up(mesh: Mesh) -> Mesh:
     """``(x, y, z) -> (x, -z, y)``: a +Y-up mesh turned +Z up (a proper rotation; windings stay)."""
-    from dataclasses import replace
-
-    from .gltf import Y_UP_TO_Z_UP
-
     return replace(mesh, vertices=mesh.vertices @ Y_UP_TO_Z_UP.T)
 
 
@@ -149,8 +147,6 @@ def load_mesh(
     if path.stat().st_size == 0:
         raise MeshError(path, "empty file")
     if path.suffix.lower() in GLTF_SUFFIXES:
-        from .gltf import read_gltf
-
         try:
             mesh = read_gltf(path)
         except MeshError:
@@ -263,8 +259,6 @@ def save_mesh(mesh: Mesh, path: str | os.PathLike) -> Path:
         data = trimesh.util.concatenate(parts).export(file_type="ply")
         _write_atomic(path, data)
     elif suffix == ".glb":
-        from .gltf import gltf_bytes
-
         _write_atomic(path, gltf_bytes(mesh))
     else:  # OBJ with sidecar files: write everything into a temporary folder, then move the files into place
         tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -62,12 +61,24 @@ from ..utils.optional import require
 from .mesh import Mesh
 from .raycasting import build_scene, to_o3d
 
-if TYPE_CHECKING:
-    from ..data.config import VolumeConfig
-
 WALL_VOXELS = 0.87  # fine voxels; > sqrt(3)/2, so every cell a surface passes through is a wall
 NEAR_EXTERIOR_VOXELS = 2  # a face sample is outer when an exterior free cell lies within this many fine cells
 PROBE_STEPS = np.arange(1, 9) * 0.5  # fine voxels walked from a wall cell's centre, away from its closest point
+
+
+@dataclass
+class VolumeConfig:
+    coarse_resolution: int = 64  # occupancy shell grid; cell i has centre -0.5 + (i + 0.5) / R
+    fine_factor: int = 2  # fine support = children of occupied coarse cells at R * fine_factor (128^3)
+    # A coarse cell is occupied when |SDF| at its centre < shell_threshold coarse voxels. Any threshold of at least
+    # sqrt(3)/2 = 0.866 guarantees every surface point lies in an occupied cell; 1.0 is close to LAS-Diffusion's
+    # |SDF_128| < 1/32 in a [-1, 1] frame max-pooled to 64^3.
+    shell_threshold: float = 1.0
+    # SDF truncation used by the fine stage, in normalised units (LAS-Diffusion clips at 0.05 in [-1, 1]^3, which is
+    # 0.025 in our [-0.5, 0.5]^3). Stored SDF values are not clipped; the value is recorded in meta.json.
+    sdf_truncation: float = 0.025
+
+
 _HALF_DIAG = math.sqrt(3.0) / 2.0
 _EPS = 1e-6  # slack for open3d's float32 distances
 _CHUNK = 1 << 20  # lattice points per batch when sampling faces

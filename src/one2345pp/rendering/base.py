@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cameras import Camera, camera_position
-from ..data.config import RenderConfig
 from ..geometry.mesh import Mesh
 
 __all__ = [
     "BACKGROUNDS",
     "Light",
+    "RenderConfig",
     "RenderOutput",
     "Renderer",
     "background_color",
@@ -36,6 +36,21 @@ __all__ = [
 ]
 
 BACKGROUNDS: dict[str, float] = {"gray": 0.5, "white": 1.0}
+
+
+@dataclass
+class RenderConfig:
+    background: str = "gray"  # "gray" (0.5) or "white"; RGBA outputs keep alpha either way
+    supersample: int = 3  # s x s samples at silhouette and triangle-edge pixels (adaptive anti-aliasing); 1 = off
+    ambient: float = 0.45  # Lambert + ambient: albedo * (ambient + diffuse * max(0, n.l))
+    diffuse: float = 0.55
+    light_azimuth_deg: float = 45.0  # a world-fixed directional light, so all views of an object agree
+    light_elevation_deg: float = 55.0
+    random_lighting: bool = False  # per object: random light direction (upper hemisphere) and ambient in [0.3, 0.6]
+    threads: int = 0  # open3d ray-casting threads, 0 = all (the shard builder sets 1 per worker process)
+    # single-sided glTF materials: False draws the back of their faces too, as Blender's Cycles does (the reference
+    # the renderings follow, and what the occupancy volume holds); True culls them as a real-time glTF viewer does
+    cull_back_faces: bool = False
 
 
 def background_color(background: str | float | Sequence[float]) -> np.ndarray:

@@ -41,6 +41,8 @@ import torch
 
 from ..cameras import Camera
 from ..geometry.mesh import Mesh
+from ..geometry.raycasting import build_scene
+from ..utils.optional import require
 
 __all__ = [
     "BACKENDS",
@@ -241,14 +243,10 @@ class CpuRasterizer(Rasterizer):
 
     def __init__(self, device: torch.device | str = "cpu", threads: int = 0):
         super().__init__(device)
-        from ..utils.optional import require
-
         self._o3d = require("open3d")
         self.threads = int(threads)
 
     def _backend_state(self, vertices: np.ndarray, faces: np.ndarray):
-        from ..geometry.raycasting import build_scene
-
         return build_scene(Mesh(vertices, faces))
 
     def _cast(self, scene, rays: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -287,8 +285,6 @@ class CpuRasterizer(Rasterizer):
         uv = _face_uv_array(face_uvs)
         corners = np.concatenate([uv.reshape(-1, 2), np.zeros((len(uv) * 3, 1))], axis=1)
         faces = np.arange(len(corners), dtype=np.int64).reshape(-1, 3)
-        from ..geometry.raycasting import build_scene
-
         scene = build_scene(Mesh(corners, faces))
         jj, ii = np.mgrid[0:height, 0:width].astype(np.float64)
         rays = np.zeros((height, width, 6), dtype=np.float32)

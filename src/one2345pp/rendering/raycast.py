@@ -29,11 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cameras import Camera
-from ..data.config import RenderConfig
 from ..geometry.mesh import Mesh
 from ..geometry.raycasting import build_scene
 from ..utils.optional import require
-from .base import Light, Renderer, RenderOutput, background_color, light_from_config
+from .base import Light, RenderConfig, Renderer, RenderOutput, background_color, light_from_config
 
 __all__ = ["RaycastRenderer", "edge_pixels"]
 

@@ -28,6 +28,8 @@ from types import ModuleType
 
 import torch
 
+from .tensor import SparseTensor
+
 ENV_VAR = "ONE2345PP_SPARSE_BACKEND"
 BACKENDS = ("auto", "torch", "torchsparse")
 
@@ -190,8 +192,6 @@ def torchsparse_conv(
     (torchsparse's ``get_kernel_offsets`` order). torchsparse's kernel maps and coordinate maps live in the caches
     of its tensors; they are carried from call to call in ``x.cache.backend_state`` so a UNet builds each map once.
     """
-    from .tensor import SparseTensor
-
     info = require_torchsparse()
     ts = info.module
     functional = importlib.import_module("torchsparse.nn.functional")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tensor import SparseTensor
+from .tensor import SparseTensor, encode
 from .workers import single_threaded
 
 OFFSETS_3 = torch.tensor([[dx, dy, dz] for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
@@ -30,12 +30,6 @@ OFFSETS_2 = torch.tensor([[dx, dy, dz] for dx in (0, 1) for dy in (0, 1) for dz 
 # largest dense lookup table (entries = batch * (max index + 3)^3) the ``table`` map builder may allocate: 32 Mi
 # int32 entries = 128 MiB, enough for batch 8 at 128^3; larger grids use the sorted keys
 TABLE_LIMIT = 1 << 25
-
-
-def encode(coords: torch.Tensor, size: int) -> torch.Tensor:
-    """int64 keys of ``coords`` [N, 4] for a grid of ``size`` (> largest spatial index + 2) cells per axis."""
-    c = coords.long()
-    return ((c[:, 0] * size + c[:, 1] + 1) * size + c[:, 2] + 1) * size + c[:, 3] + 1
 
 
 def _grid_size(coords: torch.Tensor) -> int:

@@ -17,6 +17,12 @@ from collections.abc import Sequence
 import torch
 
 
+def encode(coords: torch.Tensor, size: int) -> torch.Tensor:
+    """int64 keys of ``coords`` [N, 4] for a grid of ``size`` (> largest spatial index + 2) cells per axis."""
+    c = coords.long()
+    return ((c[:, 0] * size + c[:, 1] + 1) * size + c[:, 2] + 1) * size + c[:, 3] + 1
+
+
 class SparseCache:
     """Kernel maps, coordinates per stride and backend state shared by tensors derived from one input."""
 
@@ -155,8 +161,6 @@ class SparseTensor:
 
     def sorted(self) -> tuple[SparseTensor, torch.Tensor]:
         """Rows sorted by ``(batch, x, y, z)`` (new cache) and the permutation applied (int64 [N])."""
-        from .kernel_map import encode
-
         perm = torch.argsort(encode(self.coords, int(self.coords[:, 1:].max().item()) + 3 if self.num_points else 3))
         return SparseTensor(self.coords[perm], self.feats[perm], self.stride, self._batch_size), perm
 
