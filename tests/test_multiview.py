@@ -274,7 +274,7 @@ def test_export_from_pretrained_reproduces_the_modules_samples(tmp_path):
     cond = images(1, 48, 40, seed=9)[0]  # a non-square [3, H, W] input
     kw = {"num_inference_steps": 3, "guidance_scale": 4.0}
     mine = m.sample(cond, generator=torch.Generator().manual_seed(7), **kw)
-    out = m.export_pipeline(tmp_path / "export")
+    out = m.export_pretrained(tmp_path / "export")
     assert (out / "model_index.json").is_file() and not list(out.rglob("*.bin"))
     assert {p.parent.name for p in out.rglob("*.safetensors")} == {"unet", "vae", "image_encoder", "conditioner"}
     pipe = MultiViewDiffusionPipeline.from_pretrained(str(out))
@@ -485,7 +485,7 @@ def test_isometric_vae_init_makes_the_decoder_pass_latent_scale_through():
     from diffusers import AutoencoderKL
 
     from one2345pp.models.multiview_builders import PRESETS
-    from one2345pp.stages.multiview import FIT_INIT_LOGVAR, isometric_vae_init
+    from one2345pp.models.vae_init import FIT_INIT_LOGVAR, isometric_vae_init
 
     vae = random_components("tiny").vae
     z = torch.randn(1, 4, 6, 4, generator=torch.Generator().manual_seed(0))
@@ -640,7 +640,7 @@ def test_condition_concat_hands_the_condition_to_every_tile_and_travels_with_the
     a = m.sample(cond[0], generator=torch.Generator().manual_seed(1), **kw).grid
     b = m.sample(cond[1], generator=torch.Generator().manual_seed(1), **kw).grid
     assert (a - b).abs().max() > 1e-3  # another input, another output
-    out = m.export_pipeline(tmp_path / "export")
+    out = m.export_pretrained(tmp_path / "export")
     pipe = MultiViewDiffusionPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.condition_concat is True
