@@ -1,6 +1,7 @@
 """The life every training stage shares, written once: :class:`Stage` (EMA, checkpoints without the frozen parts,
-optimizer and schedule, export of a ``from_pretrained`` folder) and the config helpers of the ``train`` / ``export``
-commands (:func:`read_stage_config` reads renamed keys under their old names, with a warning).
+optimizer and schedule, export of a ``from_pretrained`` folder to ``RUN/export`` when training ends) and the config
+helpers of the ``train`` / ``export`` commands (:func:`read_stage_config` reads renamed keys under their old names,
+with a warning).
 
 A stage subclasses :class:`Stage`, receives its network(s) built by its own builder, and keeps only what is its own:
 loss, sampling, validation metrics and its config.
@@ -26,7 +27,7 @@ from ..models.export_io import PretrainedMixin, checkpoint_path
 from ..training.ema import EMAWeights
 from ..training.optim import adamw_with_schedule
 
-__all__ = ["EMAConfig", "Stage", "export_from_checkpoint", "read_stage_config", "renamed_keys"]
+__all__ = ["EMAConfig", "Stage", "export_dir", "export_from_checkpoint", "read_stage_config", "renamed_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,13 @@ class Stage(LightningModule):
         with self.ema_weights():
             return self.save_pretrained(folder)
 
+    def on_train_end(self) -> None:
+        """The end of training writes ``RUN/export`` (global rank 0). It runs here, inside the training process, so
+        that every launcher (Lightning's DDP, torchrun, spawn) exports the weights and EMA state the run ended with."""
+        if self.trainer.is_global_zero:
+            path = self.export_pretrained(export_dir(self.trainer.default_root_dir))
+            log.info("exported the %s stage to %s", self.stage_name, path)
+
     # ----------------------------------------------------------------------------------------------- lightning
     def configure_optimizers(self):
         return adamw_with_schedule(self.optimizer_groups(), self.cfg.optim, self.total_steps())
@@ -189,6 +197,11 @@ class Stage(LightningModule):
 
 
 # ----------------------------------------------------------------------------------------------------------- export
+def export_dir(run: str | Path) -> Path:
+    """Where a run's export folder lives: ``RUN/export`` (written at the end of training, and by ``export``)."""
+    return Path(run) / "export"
+
+
 def export_from_checkpoint(
     run: str | Path, out: str | Path | None, model_cls: type[PretrainedMixin], config_key: str
 ) -> Path:
@@ -198,7 +211,7 @@ def export_from_checkpoint(
     stage = model_cls.export_stage
     ckpt_path = checkpoint_path(run)
     if out is None:
-        out = (Path(run) if Path(run).is_dir() else ckpt_path.parent.parent) / "export"
+        out = export_dir(Path(run) if Path(run).is_dir() else ckpt_path.parent.parent)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if config_key not in ckpt:
         raise ValueError(f"{ckpt_path} is not a {stage}-stage checkpoint (no {config_key!r})")

@@ -33,7 +33,7 @@ from ..models.fine import (
 from ..models.volume_targets import fine_targets, reduce_factor, reduce_fine, reduce_occupancy, training_support
 from ..training.optim import OptimConfig
 from ..training.runner import RunConfig, TrainerConfig, fit
-from .base import EMAConfig, Stage, export_from_checkpoint, read_stage_config
+from .base import EMAConfig, Stage, export_dir, export_from_checkpoint, read_stage_config
 from .coarse import RENAMED_KEYS, CoarseValConfig, PerturbConfig
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "crop_occupancy",
     "export",
     "load_stage_config",
+    "run_training",
     "projected_rgb",
     "support_from_occupancy",
     "train",
@@ -211,14 +212,17 @@ def load_stage_config(config_path=None, overrides=()) -> DictConfig:
     return cfg
 
 
+def run_training(cfg: DictConfig, callbacks=()):
+    """Build module and data from a resolved config and fit (the end of training writes ``RUN/export``, the EMA
+    weights); returns ``(trainer, run directory)``."""
+    conf: FineConfig = to_object(cfg)
+    # built by fit() after seeding with run.seed: the same initial weights on every rank and every rerun
+    return fit(STAGE, cfg, lambda: FineStage(conf), VolumeDataModule(conf.data), callbacks)
+
+
 def train(config_path=None, overrides=()) -> int:
     """``one2345pp train --stage fine``: fit, then export the EMA weights to ``<run dir>/export``."""
-    cfg = load_stage_config(config_path, overrides)
-    conf: FineConfig = to_object(cfg)
-    datamodule = VolumeDataModule(conf.data)
-    # built by fit() after seeding with run.seed: the same initial weights on every rank and every rerun
-    trainer, directory = fit(STAGE, cfg, lambda: FineStage(conf), datamodule)
+    trainer, directory = run_training(load_stage_config(config_path, overrides))
     if trainer.is_global_zero:
-        out = trainer.lightning_module.export_pretrained(directory / "export")
-        print(f"fine stage: {trainer.global_step} steps; export in {out}")
+        print(f"fine stage: {trainer.global_step} steps; export in {export_dir(directory)}")
     return 0

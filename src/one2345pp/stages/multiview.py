@@ -18,8 +18,8 @@ optimizer state; the frozen VAE and CLIP encoder are left out and rebuilt from `
 random init) on resume and export. A randomly initialised model (``model.pretrained: null``) first fits its VAE as an
 autoencoder on the training views (``train.vae_fit``, see :meth:`MultiViewStage.fit_vae`); that VAE is then stored in
 the checkpoints and the export. Validation and export use the EMA weights when EMA is on. The end of training
-writes ``RUN/export/`` (a :class:`MultiViewDiffusionPipeline` folder); :func:`export` does the same from any run
-directory or checkpoint.
+writes ``RUN/export/`` (a :class:`MultiViewDiffusionPipeline` folder; :meth:`Stage.on_train_end`); :func:`export` does
+the same from any run directory or checkpoint.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from one2345pp.training.media import log_image
 from one2345pp.training.optim import OptimConfig, check_optim
 from one2345pp.training.runner import RunConfig, TrainerConfig, fit
 
-from .base import EMAConfig, Stage
+from .base import EMAConfig, Stage, export_dir
 
 __all__ = [
     "EMAConfig",
@@ -372,11 +372,6 @@ class MultiViewStage(Stage):
         if self.cfg.train.vae_fit.steps > 0 and not self.vae_fitted:
             self._fit_vae_all_ranks()
 
-    def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
-            path = self.export_pretrained(Path(self.trainer.default_root_dir) / "export")
-            log.info("exported the multi-view pipeline to %s", path)
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         if self.vae_fitted:
@@ -534,7 +529,7 @@ def train(config_path=None, overrides=()) -> int:
     loss = trainer.callback_metrics.get("train/loss")
     loss_text = f"{float(loss):.4f}" if loss is not None else "n/a"
     print(f"multiview: {trainer.global_step} steps, last train/loss {loss_text}")
-    print(f"run directory: {run}\nexported pipeline: {run / 'export'}")
+    print(f"run directory: {run}\nexported pipeline: {export_dir(run)}")
     return 0
 
 
@@ -553,4 +548,4 @@ def export(run: str | Path, out: str | Path | None = None) -> Path:
         raise FileNotFoundError(f"export needs {ckpt} and {config}")
     module = MultiViewStage(to_object(load_stage_config(config)))
     module.load_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
-    return module.export_pretrained(out if out is not None else run / "export")
+    return module.export_pretrained(out if out is not None else export_dir(run))
