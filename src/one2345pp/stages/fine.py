@@ -48,8 +48,8 @@ __all__ = [
     "crop_occupancy",
     "export",
     "load_stage_config",
-    "run_training",
     "projected_rgb",
+    "run_training",
     "support_from_occupancy",
     "train",
 ]
