@@ -3,7 +3,6 @@ UNet, and the LightningModule (fit, resume, export -> from_pretrained) on tiny p
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -12,8 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers.stage_tester import StageTester, tiny_run_overrides
 from one2345pp.cameras import Camera, look_at_c2w, multiview_cameras
+from one2345pp.config import load_config, to_object
 from one2345pp.data.config import DataConfig, ProceduralConfig, RenderConfig, ShardConfig, VolumeConfig
+from one2345pp.data.datamodule import VolumeDataModule
 from one2345pp.data.shards import build_shards
 from one2345pp.models import diffusion3d as d3
 from one2345pp.models.condition_volume import (
@@ -29,8 +31,7 @@ from one2345pp.models.condition_volume import (
 )
 from one2345pp.models.image_features import GlobalEmbeddingConfig, ImageFeatureConfig
 from one2345pp.models.unet3d import UNet3D, UNet3DConfig
-from one2345pp.stages.coarse import CoarseConfig, CoarseModel, CoarseModelConfig, CoarseStage, export, shell_iou
-from one2345pp.training.runner import fit
+from one2345pp.stages.coarse import CoarseConfig, CoarseModel, CoarseModelConfig, CoarseStage, shell_iou
 
 LAYOUT = "zero123pp-v1.2"
 W = 48  # view resolution of the synthetic camera tests
@@ -294,95 +295,67 @@ def shards(tmp_path_factory):
 
 
 def tiny_overrides(root, shards, **extra) -> list[str]:
-    base = {
-        "model.unet.resolution": R,
-        "model.unet.base_channels": 8,
-        "model.unet.channel_mults": "[1,2,2]",
-        "model.unet.num_res_blocks": 1,
-        "model.unet.attention_resolutions": "[4]",
-        "model.unet.head_channels": 8,
-        "model.unet.channels_last": True,
-        "model.condition.image_features.kind": "cnn",
-        "model.condition.image_features.cnn_channels": "[8,8]",
-        "model.condition.mlp_hidden": 8,
-        "model.condition.feature_channels": 8,
-        "model.condition.level_channels": "[4,4,8]",
-        "model.global_embedding.kind": "cnn",
-        "model.global_embedding.cnn_channels": "[8,8]",
-        "model.global_embedding.cnn_dim": 8,
-        "model.diffusion.sample_steps": 4,
-        "optim.warmup_steps": 0,
-        "optim.lr": 1e-3,
-        "train.val_sample_steps": 3,
-        "train.ema_decay": 0.9,
-        "data.train_shards": str(shards),
-        "data.batch_size": 2,
-        "data.num_workers": 0,
-        "data.epoch_samples": 2,
-        "data.shuffle_buffer": 2,
-        "trainer.max_steps": 1,
-        "trainer.accelerator": "cpu",
-        "trainer.devices": "1",
-        "trainer.limit_val_batches": 1,
-        "trainer.log_every_n_steps": 1,
-        "trainer.enable_progress_bar": False,
-        "run.root": str(root),
-        "run.name": "t",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _fit(overrides):
-    from one2345pp.config import load_config, to_object
-    from one2345pp.data.datamodule import VolumeDataModule
-
-    cfg = load_config(CoarseConfig, None, overrides)
-    conf = to_object(cfg)
-    module = CoarseStage(conf)
-    trainer, directory = fit("coarse", cfg, module, VolumeDataModule(conf.data))
-    return trainer, directory, module
+    return tiny_run_overrides(
+        root,
+        {
+            "model.unet.resolution": R,
+            "model.unet.base_channels": 8,
+            "model.unet.channel_mults": "[1,2,2]",
+            "model.unet.num_res_blocks": 1,
+            "model.unet.attention_resolutions": "[4]",
+            "model.unet.head_channels": 8,
+            "model.unet.channels_last": True,
+            "model.condition.image_features.kind": "cnn",
+            "model.condition.image_features.cnn_channels": "[8,8]",
+            "model.condition.mlp_hidden": 8,
+            "model.condition.feature_channels": 8,
+            "model.condition.level_channels": "[4,4,8]",
+            "model.global_embedding.kind": "cnn",
+            "model.global_embedding.cnn_channels": "[8,8]",
+            "model.global_embedding.cnn_dim": 8,
+            "model.diffusion.sample_steps": 4,
+            "optim.warmup_steps": 0,
+            "optim.lr": 1e-3,
+            "val.sample_steps": 3,
+            "ema.decay": 0.9,
+            "data.train_shards": str(shards),
+            "data.batch_size": 2,
+            "data.epoch_samples": 2,
+            "trainer.max_steps": 1,
+            "trainer.accelerator": "cpu",
+            "trainer.devices": "1",
+            "trainer.log_every_n_steps": 1,
+            **extra,
+        },
+    )
 
 
 def test_fit_resume_export_and_from_pretrained(shards, tmp_path):
     torch.manual_seed(0)
-    trainer, directory, module = _fit(tiny_overrides(tmp_path, shards))
-    assert trainer.global_step == 1
-    ckpt = torch.load(directory / "ckpts" / "last.ckpt", weights_only=True)
-    assert int(ckpt["ema"]["num_updates"]) == 1 and "coarse_model_config" in ckpt
-    rows = list(csv.DictReader(open(directory / "logs" / "metrics.csv")))
-    iou = [float(r["val/iou"]) for r in rows if r.get("val/iou")]
+    tester = StageTester("coarse", tiny_overrides(tmp_path, shards))
+    first = tester.fit(1)
+    assert "coarse_model_config" in first.ckpt
+    iou = first.metric("val/iou")
     assert len(iou) == 1 and 0.0 <= iou[0] <= 1.0
-    assert any(float(r["train/loss"]) > 0 for r in rows if r.get("train/loss"))
-    assert list((directory / "media" / "val_slices").glob("step*.png"))
+    assert any(v > 0 for v in first.metric("train/loss"))
+    assert list((first.directory / "media" / "val_slices").glob("step*.png"))
 
-    trainer, directory, module = _fit(
-        tiny_overrides(tmp_path, shards, **{"run.resume": "last", "trainer.max_steps": 2})
-    )
-    assert trainer.global_step == 2
-    ckpt = torch.load(directory / "ckpts" / "last.ckpt", weights_only=True)
-    assert int(ckpt["ema"]["num_updates"]) == 2 and ckpt["global_step"] == 2
+    run = tester.resume(first, 2)  # RUN/export, written when training ended, holds the EMA weights
 
     # export from the checkpoint = the live EMA weights; from_pretrained samples like the trained module
-    out = export(directory, tmp_path / "export")
+    out, loaded = tester.export(run, tmp_path / "export")
     meta = json.loads((out / "config.json").read_text())
     assert meta["stage"] == "coarse" and meta["step"] == 2 and meta["model"]["unet"]["resolution"] == R
-    loaded = CoarseModel.from_pretrained(out)
-    from one2345pp.config import load_config, to_object
-    from one2345pp.data.datamodule import VolumeDataModule
-
-    conf = to_object(load_config(CoarseConfig, None, tiny_overrides(tmp_path, shards)))
+    assert isinstance(loaded, CoarseModel) and isinstance(run.exported, CoarseModel)
+    conf = to_object(tester.config())
     batch = next(iter(VolumeDataModule(conf.data).val_dataloader()))
     args = (batch["views"], (batch["views_c2w"], batch["views_K"]), batch["cond"])
     a = loaded.sample(*args, steps=4, generator=torch.Generator().manual_seed(3))
-    with module.ema.applied(module.model):
+    module = run.module
+    with module.ema_weights():
         b = module.model.sample(*args, steps=4, generator=torch.Generator().manual_seed(3))
-        # state_dict() returns the parameters themselves, which leaving the block restores in place: copy them
-        live = {k: v.clone() for k, v in module.model.state_dict().items()}
     assert a.shape == (2, 1, R, R, R) and set(a.unique().tolist()) <= {-1.0, 1.0}
     assert torch.equal(a, b)
-    for key, value in loaded.state_dict().items():
-        torch.testing.assert_close(value, live[key].to(value.dtype), rtol=0, atol=0)
     assert torch.equal(loaded.sample(*args, steps=4, generator=torch.Generator().manual_seed(3)), a)
     iou = shell_iou(a, batch["occ"])
     assert iou.shape == (2,) and ((iou >= 0) & (iou <= 1)).all()
@@ -404,7 +377,7 @@ def test_train_builds_the_module_from_run_seed(shards, tmp_path):
 
 
 def test_finer_shards_are_max_pooled_and_unreducible_grids_are_a_clear_error(shards, tmp_path):
-    from one2345pp.config import load_config, to_object
+    from one2345pp.config import to_object
 
     # shards at 16^3, model at 8^3: a cell is occupied when any of its 2^3 sub-cells is
     conf = to_object(

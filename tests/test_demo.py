@@ -48,8 +48,8 @@ train:
                 "model.condition.image_features.cnn_channels=[8,8]", model.condition.mlp_hidden=8,
                 model.condition.feature_channels=8, "model.condition.level_channels=[4,4,8]",
                 "model.global_embedding.cnn_channels=[8,8]", model.global_embedding.cnn_dim=8,
-                model.diffusion.sample_steps=4, optim.warmup_steps=0, optim.lr=3e-3, train.val_sample_steps=2,
-                train.ema_decay=0.5, data.view_resolution=32, data.cond_resolution=32, data.batch_size=2,
+                model.diffusion.sample_steps=4, optim.warmup_steps=0, optim.lr=3e-3, val.sample_steps=2,
+                ema.decay=0.5, data.view_resolution=32, data.cond_resolution=32, data.batch_size=2,
                 data.num_workers=0, data.epoch_samples=60, data.shuffle_buffer=2, trainer.limit_val_batches=1]
   fine:
     config: {REPO}/experiments/tiny/fine.yaml
@@ -59,7 +59,7 @@ train:
                 model.condition.feature_channels=8, "model.condition.level_channels=[4,8]",
                 "model.global_embedding.cnn_channels=[8,8]", model.global_embedding.cnn_dim=8,
                 model.sdf_truncation=0.1, model.diffusion.sample_steps=3, optim.warmup_steps=0, optim.lr=3e-3,
-                train.val_sample_steps=2, train.ema_decay=0.5, train.crop=4, data.view_resolution=32,
+                val.sample_steps=2, ema.decay=0.5, train.crop=4, data.view_resolution=32,
                 data.cond_resolution=32, data.batch_size=2, data.num_workers=0, data.epoch_samples=30,
                 data.shuffle_buffer=2, trainer.limit_val_batches=1]
   texture:

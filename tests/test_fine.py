@@ -4,15 +4,17 @@ procedural shards."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from helpers.stage_tester import StageTester, tiny_run_overrides
 from one2345pp.cameras import multiview_cameras
+from one2345pp.config import to_object
 from one2345pp.data.config import DataConfig, ProceduralConfig, RenderConfig, ShardConfig, VolumeConfig
+from one2345pp.data.datamodule import VolumeDataModule
 from one2345pp.data.shards import build_shards
 from one2345pp.models.condition_volume import camera_tensors
 from one2345pp.models.sparse_unet import SparseConditionPyramid, SparseUNet, SparseUNetConfig
@@ -24,16 +26,7 @@ from one2345pp.models.volume_targets import (
     training_support,
 )
 from one2345pp.sparse import SparseTensor
-from one2345pp.stages.fine import (
-    FineConfig,
-    FineModel,
-    FineStage,
-    crop_occupancy,
-    export,
-    projected_rgb,
-    support_from_occupancy,
-)
-from one2345pp.training.runner import fit
+from one2345pp.stages.fine import FineConfig, FineModel, crop_occupancy, export, projected_rgb, support_from_occupancy
 
 
 def centres(r: int) -> torch.Tensor:
@@ -202,80 +195,58 @@ def shards(tmp_path_factory):
 
 
 def tiny_overrides(root, shards, **extra) -> list[str]:
-    base = {
-        "model.unet.resolution": C,
-        "model.unet.base_channels": 8,
-        "model.unet.channel_mults": "[1,2]",
-        "model.unet.backend": "torch",
-        "model.condition.image_features.kind": "cnn",
-        "model.condition.image_features.cnn_channels": "[8,8]",
-        "model.condition.mlp_hidden": 8,
-        "model.condition.feature_channels": 8,
-        "model.condition.level_channels": "[4,8]",
-        "model.global_embedding.kind": "cnn",
-        "model.global_embedding.cnn_channels": "[8,8]",
-        "model.global_embedding.cnn_dim": 8,
-        "model.sdf_truncation": 0.1,
-        "model.diffusion.sample_steps": 3,
-        "optim.warmup_steps": 0,
-        "optim.lr": 1e-3,
-        "train.val_sample_steps": 2,
-        "train.ema_decay": 0.9,
-        "train.crop": 4,
-        "data.train_shards": str(shards),
-        "data.batch_size": 2,
-        "data.num_workers": 0,
-        "data.epoch_samples": 2,
-        "data.shuffle_buffer": 2,
-        "trainer.max_steps": 1,
-        "trainer.accelerator": "cpu",
-        "trainer.devices": "1",
-        "trainer.limit_val_batches": 1,
-        "trainer.log_every_n_steps": 1,
-        "trainer.enable_progress_bar": False,
-        "run.root": str(root),
-        "run.name": "t",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def _fit(overrides):
-    from one2345pp.config import load_config, to_object
-    from one2345pp.data.datamodule import VolumeDataModule
-
-    cfg = load_config(FineConfig, None, overrides)
-    conf = to_object(cfg)
-    module = FineStage(conf)
-    trainer, directory = fit("fine", cfg, module, VolumeDataModule(conf.data))
-    return trainer, directory, module
+    return tiny_run_overrides(
+        root,
+        {
+            "model.unet.resolution": C,
+            "model.unet.base_channels": 8,
+            "model.unet.channel_mults": "[1,2]",
+            "model.unet.backend": "torch",
+            "model.condition.image_features.kind": "cnn",
+            "model.condition.image_features.cnn_channels": "[8,8]",
+            "model.condition.mlp_hidden": 8,
+            "model.condition.feature_channels": 8,
+            "model.condition.level_channels": "[4,8]",
+            "model.global_embedding.kind": "cnn",
+            "model.global_embedding.cnn_channels": "[8,8]",
+            "model.global_embedding.cnn_dim": 8,
+            "model.sdf_truncation": 0.1,
+            "model.diffusion.sample_steps": 3,
+            "optim.warmup_steps": 0,
+            "optim.lr": 1e-3,
+            "val.sample_steps": 2,
+            "ema.decay": 0.9,
+            "train.crop": 4,
+            "data.train_shards": str(shards),
+            "data.batch_size": 2,
+            "data.epoch_samples": 2,
+            "trainer.max_steps": 1,
+            "trainer.accelerator": "cpu",
+            "trainer.devices": "1",
+            "trainer.log_every_n_steps": 1,
+            **extra,
+        },
+    )
 
 
 def test_fit_resume_export_sample_and_from_pretrained(shards, tmp_path):
     torch.manual_seed(0)
-    trainer, directory, module = _fit(tiny_overrides(tmp_path, shards))
-    assert trainer.global_step == 1
-    rows = list(csv.DictReader(open(directory / "logs" / "metrics.csv")))
-    sign = [float(r["val/sign_acc"]) for r in rows if r.get("val/sign_acc")]
+    tester = StageTester("fine", tiny_overrides(tmp_path, shards))
+    first = tester.fit(1)
+    sign = first.metric("val/sign_acc")
     assert len(sign) == 1 and 0.0 <= sign[0] <= 1.0
-    assert any(float(r["train/loss"]) > 0 for r in rows if r.get("train/loss"))
+    assert any(v > 0 for v in first.metric("train/loss"))
 
-    trainer, directory, module = _fit(
-        tiny_overrides(tmp_path, shards, **{"run.resume": "last", "trainer.max_steps": 2})
-    )
-    ckpt = torch.load(directory / "ckpts" / "last.ckpt", weights_only=True)
-    assert trainer.global_step == 2 and int(ckpt["ema"]["num_updates"]) == 2 and "fine_model_config" in ckpt
+    run = tester.resume(first, 2)  # RUN/export, written when training ended, holds the EMA weights
+    assert "fine_model_config" in run.ckpt
 
-    out = export(directory)  # default: RUN/export
-    assert out == directory / "export"
+    out, loaded = tester.export(run)  # default: RUN/export
     meta = json.loads((out / "config.json").read_text())
     assert meta["stage"] == "fine" and meta["step"] == 2 and meta["model"]["unet"]["resolution"] == C
-    loaded = FineModel.from_pretrained(out)
+    assert isinstance(loaded, FineModel)
 
-    from one2345pp.config import load_config, to_object
-    from one2345pp.data.datamodule import VolumeDataModule
-
-    conf = to_object(load_config(FineConfig, None, tiny_overrides(tmp_path, shards)))
+    module = run.module
+    conf = to_object(tester.config())
     batch = next(iter(VolumeDataModule(conf.data).val_dataloader()))
     support, x0 = module.targets(batch, 0.0)
     assert x0.shape == (len(support), 4) and x0.abs().max() <= 1
@@ -284,7 +255,7 @@ def test_fit_resume_export_sample_and_from_pretrained(shards, tmp_path):
     args = (batch["views"], (batch["views_c2w"], batch["views_K"]), batch["cond"])
     occ8 = reduce_occupancy(batch["occ"], C // 2)
     a = loaded.sample(*args, coarse_occ=occ8, steps=3, generator=torch.Generator().manual_seed(4))
-    with module.ema.applied(module.model):
+    with module.ema_weights():
         b = module.model.eval().sample(*args, coarse_occ=occ8, steps=3, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a.coords, support) and a.feats.shape == (len(support), 4)
     assert a.feats.abs().max() <= 1.0

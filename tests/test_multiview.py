@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from lightning.pytorch import Callback
 
+from helpers.stage_tester import StageTester, tiny_run_overrides
 from one2345pp.config import ConfigError, load_config, to_object
 from one2345pp.data.config import DataConfig, RenderConfig, VolumeConfig
 from one2345pp.models.multiview_builders import (
@@ -32,7 +32,7 @@ from one2345pp.models.reference_attention import (
     reference_forward,
     self_attention_names,
 )
-from one2345pp.stages.multiview import MultiViewConfig, MultiViewModule, export, load_stage_config, run_training
+from one2345pp.stages.multiview import MultiViewConfig, MultiViewModule, export, load_stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny" / "multiview.yaml"
@@ -274,7 +274,7 @@ def test_export_from_pretrained_reproduces_the_modules_samples(tmp_path):
     cond = images(1, 48, 40, seed=9)[0]  # a non-square [3, H, W] input
     kw = {"num_inference_steps": 3, "guidance_scale": 4.0}
     mine = m.sample(cond, generator=torch.Generator().manual_seed(7), **kw)
-    out = m.export_pipeline(tmp_path / "export")
+    out = m.export_pretrained(tmp_path / "export")
     assert (out / "model_index.json").is_file() and not list(out.rglob("*.bin"))
     assert {p.parent.name for p in out.rglob("*.safetensors")} == {"unet", "vae", "image_encoder", "conditioner"}
     pipe = MultiViewDiffusionPipeline.from_pretrained(str(out))
@@ -385,19 +385,6 @@ def test_full_preset_has_the_sd2_unet_size_and_configs_are_checked():
 
 
 # ------------------------------------------------------------------------------------------------------ resume
-class Probe(Callback):
-    """What the trainer holds when training (re)starts."""
-
-    def on_train_start(self, trainer, pl_module):
-        self.step = trainer.global_step
-        self.optimizer = {
-            k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
-            for k, s in trainer.optimizers[0].state_dict()["state"].items()
-        }
-        self.ema = {k: v.clone() for k, v in pl_module.ema.shadow.items()}
-        self.ema_updates = pl_module.ema.num_updates
-
-
 def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path, capsys):
     from one2345pp.data.shards import build_shards
 
@@ -409,28 +396,24 @@ def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path, cap
         volume=VolumeConfig(coarse_resolution=16),
     )
     build_shards("procedural", tmp_path / "data", data, num_objects=4, progress=False)
-    args = [
-        *SMALL,
-        f"data.train_shards={tmp_path / 'data'}",
-        "data.num_workers=0",
-        "data.batch_size=2",
-        "data.epoch_samples=4",
-        "data.shuffle_buffer=2",
-        "data.view_resolution=32",
-        "data.cond_resolution=32",
-        f"run.root={tmp_path / 'runs'}",
-        "run.name=r",
-        "trainer.enable_progress_bar=false",
-        "trainer.limit_val_batches=1",
-        "ema.enabled=true",
-        "train.vae_fit.steps=2",  # a fitted VAE is stored in checkpoints and exports, and not fitted again on resume
-    ]
-    trainer, run = run_training(load_stage_config(TINY, [*args, "trainer.max_steps=3"]))
-    assert trainer.global_step == 3 and run == tmp_path / "runs" / "multiview" / "r"
-    for rel in ("config.yaml", "ckpts/last.ckpt", "export/model_index.json", "logs/metrics.csv"):
-        assert (run / rel).is_file(), rel
+    overrides = tiny_run_overrides(
+        tmp_path / "runs",
+        {
+            "data.train_shards": tmp_path / "data",
+            "data.batch_size": 2,
+            "data.epoch_samples": 4,
+            "data.view_resolution": 32,
+            "data.cond_resolution": 32,
+            "run.name": "r",
+            "ema.enabled": "true",
+            "train.vae_fit.steps": 2,  # a fitted VAE is stored in checkpoints and exports, not fitted again on resume
+        },
+    )
+    tester = StageTester("multiview", [*SMALL, *overrides], config=TINY)
+    first = tester.fit(3)  # steps, EMA updates, config.yaml, last.ckpt, metrics.csv and RUN/export: the tester's
+    run, ckpt = first.directory, first.ckpt
+    assert run == tmp_path / "runs" / "multiview" / "r"
     assert list((run / "media" / "val_samples").glob("step*.png"))  # validation sheet: input | generated | ground truth
-    ckpt = torch.load(run / "ckpts" / "last.ckpt", map_location="cpu", weights_only=True)
     keys = set(ckpt["state_dict"])
     assert not any(k.startswith("image_encoder.") for k in keys) and "vae.encoder.conv_in.weight" in keys
     assert ckpt["vae_fit"]["scaling_factor"] > 0
@@ -439,25 +422,16 @@ def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path, cap
     assert "unet.conv_in.weight" in ckpt["ema"]["shadow"]  # the tiny preset trains the full UNet
 
     assert "VAE fit step 2/2" in capsys.readouterr().err
-    probe = Probe()
-    trainer, _ = run_training(load_stage_config(TINY, [*args, "trainer.max_steps=5", "run.resume=last"]), [probe])
-    assert probe.step == 3 and trainer.global_step == 5
+    # starts at step 3 with the saved optimizer and EMA state; its RUN/export holds the EMA weights
+    resumed = tester.resume(first, 5)
     assert "VAE fit" not in capsys.readouterr().err  # resumed with the fitted VAE
-    saved = ckpt["optimizer_states"][0]["state"]
-    assert saved and set(probe.optimizer) == set(saved)
-    for k, s in saved.items():
-        for name, value in s.items():
-            assert torch.equal(torch.as_tensor(probe.optimizer[k][name]), torch.as_tensor(value)), (k, name)
-    assert probe.ema_updates == int(ckpt["ema"]["num_updates"]) == 3
-    assert set(probe.ema) == set(ckpt["ema"]["shadow"])
-    assert all(torch.equal(v, ckpt["ema"]["shadow"][k]) for k, v in probe.ema.items())
 
-    again = export(run, tmp_path / "again")  # rebuild from config.yaml + last.ckpt (frozen parts re-created)
+    # rebuilt from config.yaml + last.ckpt (frozen parts re-created)
+    _, again = tester.export(resumed, tmp_path / "again")
     cond = images(1, 32, 32, seed=11)
     grids = []
-    for folder in (run / "export", again):
-        pipe = MultiViewDiffusionPipeline.from_pretrained(str(folder))
-        pipe.set_progress_bar_config(disable=True)
+    for pipe in (resumed.exported, again):
+        assert isinstance(pipe, MultiViewDiffusionPipeline)
         grids.append(
             pipe(cond, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").grid
         )
@@ -485,7 +459,7 @@ def test_isometric_vae_init_makes_the_decoder_pass_latent_scale_through():
     from diffusers import AutoencoderKL
 
     from one2345pp.models.multiview_builders import PRESETS
-    from one2345pp.stages.multiview import FIT_INIT_LOGVAR, isometric_vae_init
+    from one2345pp.models.vae_init import FIT_INIT_LOGVAR, isometric_vae_init
 
     vae = random_components("tiny").vae
     z = torch.randn(1, 4, 6, 4, generator=torch.Generator().manual_seed(0))
@@ -640,7 +614,7 @@ def test_condition_concat_hands_the_condition_to_every_tile_and_travels_with_the
     a = m.sample(cond[0], generator=torch.Generator().manual_seed(1), **kw).grid
     b = m.sample(cond[1], generator=torch.Generator().manual_seed(1), **kw).grid
     assert (a - b).abs().max() > 1e-3  # another input, another output
-    out = m.export_pipeline(tmp_path / "export")
+    out = m.export_pretrained(tmp_path / "export")
     pipe = MultiViewDiffusionPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.condition_concat is True

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from one2345pp import registry
 from one2345pp.cli import main
 from one2345pp.config import ConfigError
 from one2345pp.training.sweep import SweepError, command_for, load_sweep, trials
@@ -72,7 +73,7 @@ def test_cli_runs_a_trial_with_the_sampled_overrides(tmp_path, capsys, monkeypat
 # --------------------------------------------------------------------------------------- the shipped sweep files
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").rglob("*.yaml"))
-STAGES = ("multiview", "coarse", "fine", "texture")
+STAGES = tuple(registry.STAGES)
 
 
 def stage_of(spec: dict) -> tuple[str, Path]:
@@ -84,23 +85,10 @@ def stage_of(spec: dict) -> tuple[str, Path]:
 
 def load_stage_config(stage: str, config: Path, overrides: list[str]):
     """The stage's own loader and checks, as ``one2345pp train`` applies them (unknown keys are errors)."""
-    from one2345pp.config import load_config, to_object
+    from one2345pp.config import to_object
+    from one2345pp.registry import stage_module
 
-    if stage == "multiview":
-        from one2345pp.stages.multiview import load_stage_config as load
-
-        return to_object(load(config, overrides))
-    if stage == "texture":
-        from one2345pp.stages.texture import TextureStageConfig, check_stage_config
-
-        conf = to_object(load_config(TextureStageConfig, config, overrides))
-        check_stage_config(conf)
-        return conf
-    if stage == "coarse":
-        from one2345pp.stages.coarse import CoarseConfig as schema
-    else:
-        from one2345pp.stages.fine import FineConfig as schema
-    return to_object(load_config(schema, config, overrides))
+    return to_object(stage_module(stage).load_stage_config(config, overrides))
 
 
 def train_overrides(spec: dict, values: dict) -> list[str]:

@@ -14,18 +14,14 @@ from pathlib import Path
 from .config import ConfigError, load_config, to_object
 from .data.config import DataConfig
 from .data.sources import SOURCES
+from .registry import STAGES as REGISTERED_STAGES
 
 DATASETS = ("gso", "procedural")  # eval --dataset (one2345pp.evaluation.dataset)
 
-# Stage name -> module. Each stage module defines ``train(config_path, overrides) -> int`` (``one2345pp train``)
-# and ``export(run, out=None) -> Path`` (``one2345pp export``: a run directory or checkpoint -> the folder the
-# pipeline loads).
-STAGES: dict[str, str] = {
-    "multiview": "one2345pp.stages.multiview",
-    "coarse": "one2345pp.stages.coarse",
-    "fine": "one2345pp.stages.fine",
-    "texture": "one2345pp.stages.texture",
-}
+# Stage name -> module (from the registry). Each stage module defines ``train(config_path, overrides) -> int``
+# (``one2345pp train``) and ``export(run, out=None) -> Path`` (``one2345pp export``: a run directory or checkpoint ->
+# the folder the pipeline loads).
+STAGES: dict[str, str] = {name: entry.module for name, entry in REGISTERED_STAGES.items()}
 
 
 @dataclass

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ..config import ConfigError, load_config, to_object
 from ..pipeline.build import resolve_run
+from ..registry import STAGES
 
-STAGE_NAMES = ("multiview", "coarse", "fine", "texture")
+STAGE_NAMES = tuple(STAGES)
 SHIPPED_MULTIVIEW = "checkpoints/tiny/multiview"
 SHIPPABLE = ("multiview",)  # stages whose trained run folder the demo can take instead of training them
 # keys that change how the demo runs, not what it makes: free to differ when a demo is resumed

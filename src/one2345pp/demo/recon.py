@@ -30,12 +30,12 @@ METRICS = ("iou", "fscore", "chamfer", "sphere_fscore", "sphere_chamfer")
 
 
 def _loader(coarse_run: Path, shards: Path):
-    from ..config import load_config, to_object
+    from ..config import to_object
     from ..data.datamodule import VolumeDataModule
-    from ..stages.coarse import CoarseConfig
+    from ..stages.coarse import load_stage_config
 
     overrides = [f"data.train_shards={shards}", f"data.val_shards={shards}", "data.num_workers=0", "data.batch_size=1"]
-    conf = to_object(load_config(CoarseConfig, coarse_run / "config.yaml", overrides))
+    conf = to_object(load_stage_config(coarse_run / "config.yaml", overrides))  # old key names read too
     return VolumeDataModule(conf.data).val_dataloader()
 
 

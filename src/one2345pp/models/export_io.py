@@ -12,12 +12,23 @@ import os
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+
+from .image_features import frozen_prefixes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 EXPORT_FORMAT = 1
 
-__all__ = ["CONFIG_NAME", "EXPORT_FORMAT", "WEIGHTS_NAME", "checkpoint_path", "read_export", "write_export"]
+__all__ = [
+    "CONFIG_NAME",
+    "EXPORT_FORMAT",
+    "WEIGHTS_NAME",
+    "PretrainedMixin",
+    "checkpoint_path",
+    "read_export",
+    "write_export",
+]
 
 
 def write_export(
@@ -67,3 +78,49 @@ def checkpoint_path(run: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (give a run directory with ckpts/last.ckpt or a .ckpt file)")
     return path
+
+
+class PretrainedMixin:
+    """``save_pretrained`` / ``from_pretrained`` of a 3D-stage network (an ``nn.Module`` with ``self.cfg``).
+
+    A subclass sets ``export_stage`` (the ``stage`` recorded in ``config.json``) and ``checked_config`` (a plain dict /
+    omegaconf node / dataclass -> its checked model config). Frozen pretrained encoders are left out of the weights
+    and re-read from their hub id / folder when the config rebuilds the model.
+    """
+
+    export_stage: str
+
+    @staticmethod
+    def checked_config(value):
+        raise NotImplementedError
+
+    def frozen_prefixes(self) -> list[str]:
+        return frozen_prefixes(self)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict without the frozen pretrained encoders (what checkpoints and exports store)."""
+        frozen = self.frozen_prefixes()
+        return {k: v for k, v in self.state_dict().items() if not any(k.startswith(p) for p in frozen)}
+
+    def save_pretrained(self, folder: str | Path, step: int | None = None) -> Path:
+        return self.write_pretrained(folder, self.cfg, self.trainable_state_dict(), step)
+
+    @classmethod
+    def write_pretrained(cls, folder, model_cfg, state: dict[str, torch.Tensor], step: int | None) -> Path:
+        """Write an export folder from a model config and weights (also used on a checkpoint's EMA weights)."""
+        cfg = OmegaConf.to_container(OmegaConf.structured(cls.checked_config(model_cfg)), resolve=True)
+        return write_export(folder, cls.export_stage, cfg, state, step)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu"):
+        """Load an export folder (``config.json`` + ``model.safetensors``); frozen encoders come from their ids."""
+        meta, state = read_export(folder, cls.export_stage)
+        model = cls(cls.checked_config(meta["model"]))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        frozen = model.frozen_prefixes()
+        missing = [k for k in missing if not any(k.startswith(p) for p in frozen)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{folder}: weights do not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        return model.to(device).eval()

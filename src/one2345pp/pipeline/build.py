@@ -5,7 +5,7 @@ Each of ``--multiview`` / ``--coarse`` / ``--fine`` is a run directory (``checkp
 checkpoint inside a run's ``ckpts/``. A run's ``export/`` is used when present, else its ``ckpts/last.ckpt`` (or the
 given checkpoint) goes through the stage's own ``export()`` into a temporary folder; nothing is written into the runs.
 
-``--texture`` is optional (default: :class:`~one2345pp.stages.texture.TextureSettings` defaults) and may be a texture
+``--texture`` is optional (default: :class:`~one2345pp.texture.settings.TextureSettings` defaults) and may be a texture
 stage YAML config (``experiments/tiny/texture.yaml``), a texture run directory, its checkpoint, or a texture export
 folder / its ``config.json``.
 
@@ -40,8 +40,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..cameras import framing_distance, get_layout
 from ..config import ConfigError, parse_overrides
+from ..registry import PIPELINE_STAGES, component_class, export_marker, has_export, stage_module
+from ..texture.settings import SETTINGS_FILE, TextureSettings, load_settings
 
-STAGE_NAMES = ("multiview", "coarse", "fine")
+STAGE_NAMES = PIPELINE_STAGES
 RUN_DATA_CONFIG = "data_config.yaml"  # a copy of the shards' config.yaml inside a run folder shipped without them
 DATA_FACTS = ("layout", "distance", "extent")
 
@@ -79,12 +81,13 @@ def resolve_run(stage: str, path: str | os.PathLike) -> RunSource:
         if not (p / "config.yaml").is_file():
             raise FileNotFoundError(f"--{stage} {p}: not a run directory (no config.yaml)")
         export_dir = p / "export"
-        marker = "model_index.json" if stage == "multiview" else "config.json"
-        if (export_dir / marker).is_file():
+        if has_export(stage, export_dir):
             return RunSource(stage, p, p, None, export_dir)
         ckpt = p / "ckpts" / "last.ckpt"
         if not ckpt.is_file():
-            raise FileNotFoundError(f"--{stage} {p}: the run has neither export/{marker} nor ckpts/last.ckpt")
+            raise FileNotFoundError(
+                f"--{stage} {p}: the run has neither export/{export_marker(stage)} nor ckpts/last.ckpt"
+            )
         return RunSource(stage, p, p, ckpt, None)
     if p.is_file():
         run_dir = p.parent.parent if p.parent.name == "ckpts" else p.parent
@@ -197,44 +200,34 @@ def check_agreement(facts: list[DataFacts], multiview_view_size: int) -> None:
 def load_texture(source: str | os.PathLike | None, scratch: Path):
     """Texture settings from a YAML stage config, a run directory, a checkpoint or an export (see the module doc)."""
     from ..config import load_config, to_object
-    from ..stages import texture as tex
 
     if source is None:
-        return tex.TextureSettings()
+        return TextureSettings()
     p = Path(source)
-    if p.is_file() and p.suffix in (".yaml", ".yml"):
-        return tex.TextureSettings.from_stage_config(to_object(load_config(tex.TextureStageConfig, p)))
+    if p.is_file() and p.suffix in (".yaml", ".yml"):  # a stage config: its schema lives with the training stage
+        schema = stage_module("texture").TextureStageConfig
+        return TextureSettings.from_stage_config(to_object(load_config(schema, p)))
     if p.is_file() and p.suffix == ".json":
-        return tex.load_settings(p)
-    if p.is_dir() and (p / tex.SETTINGS_FILE).is_file():
-        return tex.load_settings(p)
-    if p.is_dir() and (p / "export" / tex.SETTINGS_FILE).is_file():
-        return tex.load_settings(p / "export")
+        return load_settings(p)
+    if p.is_dir() and (p / SETTINGS_FILE).is_file():
+        return load_settings(p)
+    if p.is_dir() and (p / "export" / SETTINGS_FILE).is_file():
+        return load_settings(p / "export")
     if p.is_dir() or p.is_file():  # a run without an export, or a checkpoint: the stage's export, into scratch
-        return tex.load_settings(tex.export(p, scratch / "texture"))
+        return load_settings(stage_module("texture").export(p, scratch / "texture"))
     raise FileNotFoundError(f"--texture {p}: no such config, run directory, checkpoint or export")
 
 
 def _load_stage(src: RunSource, scratch: Path):
     """The component of one run: its export/ as it is, else the stage's export() of the checkpoint into scratch."""
-    import importlib
-
-    from ..models.multiview_pipeline import MultiViewDiffusionPipeline
-
     folder = src.export_dir
-    if folder is None:
-        folder = importlib.import_module(f"one2345pp.stages.{src.stage}").export(src.checkpoint, scratch / src.stage)
+    if folder is None:  # exporting a checkpoint is training code, imported only here
+        folder = stage_module(src.stage).export(src.checkpoint, scratch / src.stage)
     if src.stage == "multiview":
-        pipe = MultiViewDiffusionPipeline.from_pretrained(str(folder))
+        pipe = component_class("multiview").from_pretrained(str(folder))
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    if src.stage == "coarse":
-        from ..stages.coarse import CoarseModel
-
-        return CoarseModel.from_pretrained(folder)
-    from ..stages.fine import FineModel
-
-    return FineModel.from_pretrained(folder)
+    return component_class(src.stage).from_pretrained(folder)
 
 
 def build_pipeline(

@@ -233,7 +233,7 @@ def infer_images(
     pipeline_dir = Path(pipeline_dir)
     read_index(pipeline_dir)
     device = check_device(device)
-    from ..stages.texture import TextureSettings
+    from ..texture.settings import TextureSettings
 
     apply_overrides(PipelineSettings(), TextureSettings(), overrides)  # bad keys fail before loading anything
     out_dir = Path(out_dir)

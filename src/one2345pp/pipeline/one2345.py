@@ -5,11 +5,12 @@ On disk (diffusers style) a pipeline is one folder::
     model_index.json     {"_class_name": "One2345PPPipeline", "_version": ..., "multiview": [module, class], ...,
                           "settings": {...}}   (PipelineSettings: framing, sampler defaults)
     multiview/           MultiViewDiffusionPipeline.save_pretrained (diffusers folder)
-    coarse/              CoarseModel export (config.json + model.safetensors)
-    fine/                FineModel export
+    coarse/              CoarseModel export (config.json + model.safetensors; one2345pp.models.coarse)
+    fine/                FineModel export (one2345pp.models.fine)
     texture/             texture-stage settings (config.json)
 
-Components load only from the classes listed in :data:`COMPONENTS` (a model index never imports arbitrary code).
+Components load only from the classes listed in :data:`COMPONENTS` (from :mod:`one2345pp.registry`; a model index
+never imports arbitrary code; the paths that older folders name are accepted too).
 ``One2345PPPipeline.from_pretrained(folder, multiview=other)`` swaps a component; ``save_pretrained`` writes the
 folder (to a temporary name, renamed when complete).
 
@@ -38,18 +39,15 @@ from .. import __version__
 from ..cameras import Camera, framing_distance, get_layout, multiview_cameras, tile
 from ..geometry.extraction import ExtractionConfig, extract_meshes
 from ..geometry.mesh import Mesh
+from ..registry import STAGES, component_class
+from ..texture.settings import TextureSettings, load_settings, save_settings
 from .preprocess import PreprocessConfig, alpha_from_background, preprocess_image
 from .preprocess import check_config as check_preprocess
 
 INDEX_FILE = "model_index.json"
 CLASS_NAME = "One2345PPPipeline"
-# component name -> (module, class) the model index may name; nothing else is ever imported
-COMPONENTS = {
-    "multiview": ("one2345pp.models.multiview_pipeline", "MultiViewDiffusionPipeline"),
-    "coarse": ("one2345pp.stages.coarse", "CoarseModel"),
-    "fine": ("one2345pp.stages.fine", "FineModel"),
-    "texture": ("one2345pp.stages.texture", "TextureSettings"),
-}
+# component name -> (module, class) the model index names; nothing else is ever imported
+COMPONENTS = {name: entry.component for name, entry in STAGES.items()}
 
 
 @dataclass
@@ -159,31 +157,21 @@ def settings_from_dict(d: dict | None, source: str = "settings") -> PipelineSett
 
 
 def _load_component(name: str, entry, folder: Path):
-    expected = COMPONENTS[name]
-    if not isinstance(entry, (list, tuple)) or list(entry) != list(expected):
-        raise ValueError(f"{folder / INDEX_FILE}: component {name!r} is {entry}, expected {list(expected)}")
+    accepted = [list(COMPONENTS[name])] + [list(old) for old in STAGES[name].legacy_components]
+    if not isinstance(entry, (list, tuple)) or list(entry) not in accepted:
+        raise ValueError(f"{folder / INDEX_FILE}: component {name!r} is {entry}, expected {list(COMPONENTS[name])}")
     sub = folder / name
     if not sub.is_dir():
         raise FileNotFoundError(f"pipeline component folder missing: {sub}")
     if name == "multiview":
-        from ..models.multiview_pipeline import MultiViewDiffusionPipeline
-
         if not (sub / "model_index.json").is_file():
             raise FileNotFoundError(f"pipeline component {sub} is not a diffusers folder (no model_index.json)")
-        pipe = MultiViewDiffusionPipeline.from_pretrained(str(sub))
+        pipe = component_class(name).from_pretrained(str(sub))
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    if name == "coarse":
-        from ..stages.coarse import CoarseModel
-
-        return CoarseModel.from_pretrained(sub)
-    if name == "fine":
-        from ..stages.fine import FineModel
-
-        return FineModel.from_pretrained(sub)
-    from ..stages.texture import load_settings
-
-    return load_settings(sub)
+    if name == "texture":
+        return load_settings(sub)
+    return component_class(name).from_pretrained(sub)
 
 
 def check_stages(multiview, coarse, fine, settings: PipelineSettings) -> None:
@@ -220,8 +208,6 @@ class One2345PPPipeline:
     """Chains the exported stages; see the module doc for the folder layout."""
 
     def __init__(self, multiview, coarse, fine, texture=None, settings: PipelineSettings | None = None):
-        from ..stages.texture import TextureSettings
-
         self.multiview, self.coarse, self.fine = multiview, coarse, fine
         self.texture = texture if texture is not None else TextureSettings()
         self.settings = settings or PipelineSettings()
@@ -258,8 +244,6 @@ class One2345PPPipeline:
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write the pipeline folder (temporary name beside it, renamed when complete; an existing folder is
         replaced only then)."""
-        from ..stages.texture import save_settings
-
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
@@ -415,7 +399,7 @@ class One2345PPPipeline:
 
         t = time.perf_counter()
         if run["refine"]:
-            from ..stages.texture import texture_mesh
+            from ..texture.settings import texture_mesh
 
             tex = dataclasses.replace(tex, refine=dataclasses.replace(tex.refine, progress=progress))
             with torch.enable_grad():

@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -51,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule
+from omegaconf import DictConfig
 
 from ..cameras import NUM_VIEWS, Camera, untile
 from ..config import ConfigError, load_config, to_object
@@ -67,15 +67,20 @@ from ..data.decode import (
 from ..geometry.mesh import Mesh
 from ..geometry.mesh_io import load_mesh
 from ..models.color_field import ColorFieldConfig
-from ..models.color_field import check_config as check_field_config
-from ..rendering.rasterizer import RasterizerConfig, make_rasterizer, resolve_backend
+from ..rendering.rasterizer import RasterizerConfig, make_rasterizer
 from ..texture.bake import BakeConfig, bake
-from ..texture.bake import check_config as check_bake_config
-from ..texture.export import EXPORT_SUFFIXES, TexturedMesh, export_mesh
-from ..texture.refine import RefineConfig, RefineResult, View, psnr_from_mse, refine_texture, view_psnr
-from ..texture.refine import check_config as check_refine_config
+from ..texture.export import EXPORT_SUFFIXES, export_mesh
+from ..texture.refine import RefineConfig, View, psnr_from_mse, refine_texture, view_psnr
+from ..texture.settings import (
+    EXPORT_FORMAT_VERSION,
+    TextureSettings,
+    load_settings,
+    save_settings,
+    texture_mesh,
+)
 from ..training.media import log_mesh
 from ..training.runner import RunConfig, TrainerConfig, fit
+from ..utils.atomic import write_json
 
 __all__ = [
     "EXPORT_FORMAT_VERSION",
@@ -86,15 +91,13 @@ __all__ = [
     "TextureStage",
     "TextureStageConfig",
     "export",
+    "load_stage_config",
     "load_object_mesh",
     "load_settings",
     "save_settings",
     "texture_mesh",
     "train",
 ]
-
-EXPORT_FORMAT_VERSION = 1
-SETTINGS_FILE = "config.json"
 
 log = logging.getLogger(__name__)
 
@@ -128,29 +131,6 @@ class TextureStageConfig:
     export_formats: list[str] = dataclasses.field(default_factory=lambda: ["glb"])  # any of glb, obj, ply
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=_texture_trainer)
-
-
-@dataclass
-class TextureSettings:
-    """What refining and baking one mesh needs: the stage's export (``config.json``) and the pipeline's input."""
-
-    field: ColorFieldConfig = dataclasses.field(default_factory=ColorFieldConfig)
-    refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
-    bake: BakeConfig = dataclasses.field(default_factory=BakeConfig)
-    rasterizer: RasterizerConfig = dataclasses.field(default_factory=RasterizerConfig)
-
-    @classmethod
-    def from_stage_config(cls, cfg: TextureStageConfig) -> TextureSettings:
-        return cls(cfg.field, cfg.refine, cfg.bake, cfg.rasterizer)
-
-    def check(self) -> None:
-        try:
-            check_refine_config(self.refine)
-            check_bake_config(self.bake)
-            resolve_backend(self.rasterizer.backend, "cpu")
-            check_field_config(self.field)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
 
 
 def check_stage_config(cfg: TextureStageConfig) -> None:
@@ -446,76 +426,6 @@ class TextureStage(LightningModule):
         return "; ".join(parts) or "no objects fitted"
 
 
-# ------------------------------------------------------------------------------------------- settings and export
-def save_settings(
-    settings: TextureSettings, folder: str | os.PathLike, metrics: Mapping | None = None, source: str | None = None
-) -> Path:
-    """Write ``folder/config.json`` (atomically) with the settings, and the metrics / source when given."""
-    settings.check()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    doc: dict = {"stage": "texture", "format_version": EXPORT_FORMAT_VERSION, **asdict(settings)}
-    if metrics:
-        doc["metrics"] = dict(metrics)
-    if source is not None:
-        doc["source"] = str(source)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, folder / SETTINGS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder
-
-
-def load_settings(folder: str | os.PathLike) -> TextureSettings:
-    """The :class:`TextureSettings` of an export folder (or of a ``config.json`` path)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    path = Path(folder)
-    path = path / SETTINGS_FILE if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"texture export not found: {path} (write one with `one2345pp export --stage texture`)")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable JSON file ({exc})") from exc
-    stage = doc.get("stage") if isinstance(doc, dict) else None
-    if stage != "texture":
-        raise ValueError(f"{path}: not a texture-stage export (its 'stage' is {stage!r}, expected 'texture')")
-    if doc.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format_version {doc.get('format_version')!r} is not supported (expected {EXPORT_FORMAT_VERSION})"
-        )
-    body = {k: doc[k] for k in ("field", "refine", "bake", "rasterizer") if k in doc}
-    try:
-        settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TextureSettings), body))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    settings.check()
-    return settings
-
-
-def texture_mesh(
-    mesh: Mesh,
-    views: list[View],
-    settings: TextureSettings | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[TexturedMesh, RefineResult]:
-    """Refine a colour field on the fixed ``mesh`` against ``views`` and bake it (what the pipeline runs)."""
-    settings = settings if settings is not None else TextureSettings()
-    settings.check()
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    rasterizer = make_rasterizer(settings.rasterizer.backend, device, settings.rasterizer.threads)
-    rmesh = rasterizer.prepare(mesh)
-    result = refine_texture(rmesh, views, settings.field, settings.refine, rasterizer, device)
-    return bake(result.field, rmesh, settings.bake, rasterizer), result
-
-
 def _settings_from_checkpoint(path: Path) -> TextureSettings:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
@@ -554,20 +464,24 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path
     return save_settings(settings, Path(out) if out is not None else folder / "export", metrics, str(run))
 
 
+def load_stage_config(config_path=None, overrides=()) -> DictConfig:
+    """The stage's config, checked as ``train`` runs it."""
+    cfg = load_config(TextureStageConfig, config_path, overrides)
+    check_stage_config(to_object(cfg))
+    return cfg
+
+
 def train(config_path=None, overrides=()) -> int:
     """``one2345pp train --stage texture``: fit every object of the shards, print the held-out PSNR, write
     ``RUN/metrics.json`` and the export folder ``RUN/export``."""
-    cfg = load_config(TextureStageConfig, config_path, overrides)
+    cfg = load_stage_config(config_path, overrides)
     conf: TextureStageConfig = to_object(cfg)
-    check_stage_config(conf)
     datamodule = TextureDataModule(conf.data)
     trainer, directory = fit("texture", cfg, lambda: TextureStage.from_config(conf), datamodule)
     module: TextureStage = trainer.lightning_module
     if trainer.is_global_zero:
         metrics = module.metrics()
-        tmp = directory / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, directory / "metrics.json")
+        write_json(directory / "metrics.json", metrics)
         out = save_settings(TextureSettings.from_stage_config(conf), directory / "export", metrics, str(directory))
         print(f"texture stage: {module.summary()}; export in {out}")
     return 0
