@@ -43,10 +43,9 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from ..config import ConfigError, config_diff, load_config, save_config, to_object
+from ..config import check_or_save_config, load_config, save_config, to_object
 from ..pipeline.build import resolve_run
+from ..utils.atomic import atomic_folder
 from .config import RUN_ONLY_KEYS, STAGE_NAMES, DemoConfig, DemoStageConfig, load_demo_config
 from .heldout import FOLDER as HELDOUT
 from .heldout import INDEX as HELDOUT_INDEX
@@ -93,19 +92,13 @@ EVAL_FILES = ("metrics.csv", "metrics.json", "report.html")
 
 
 def _check_or_save_config(out: Path, cfg) -> None:
-    path = out / CONFIG_FILE
-    if path.is_file():
-        try:
-            held = OmegaConf.load(path)
-        except Exception as exc:
-            raise ConfigError(f"{path}: unreadable ({exc}); rerun with --force or choose another --out") from exc
-        diff = [k for k in config_diff(held, cfg) if k not in RUN_ONLY_KEYS]
-        if diff:
-            raise ConfigError(
-                f"{out} holds a demo made with other settings ({', '.join(diff)} differ, see {path}); "
-                "rerun with --force to redo it, or choose another --out"
-            )
-    save_config(cfg, path)
+    check_or_save_config(
+        out / CONFIG_FILE,
+        cfg,
+        what="a demo",
+        remedy="rerun with --force to redo it, or choose another --out",
+        ignore=RUN_ONLY_KEYS,
+    )
 
 
 def clear_outputs(out: Path) -> list[str]:
@@ -159,15 +152,8 @@ def _shipped_step(out: Path, name: str, shipped: Path):
 
     def step():
         dest = out / "checkpoints" / name / RUN_NAME
-        tmp = dest.with_name(f".tmp-{RUN_NAME}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            shutil.copytree(shipped, tmp)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(dest) as tmp:
+            shutil.copytree(shipped, tmp, dirs_exist_ok=True)
         src = resolve_run(name, dest)
         outputs = [dest / "config.yaml", src.export_dir or src.checkpoint]
         summary = f"shipped model {shipped} ({shipped / 'MODEL_CARD.md'}); {stage_summary(name, dest)}"

@@ -28,9 +28,7 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import ConfigError, parse_overrides
-from ..utils.atomic import write_json
+from ..utils.atomic import atomic_folder, write_json, write_png
 from .turntable import TurntableConfig
 from .turntable import check_config as check_turntable
 
@@ -150,22 +148,6 @@ def finished(folder: Path) -> bool:
         return False
 
 
-def _save_png(image, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run_image(pipe, image: Path, folder: Path, options: InferOptions, seed: int, record: dict) -> dict:
     """Run the pipeline on one image and write its four outputs into ``folder`` (temporary folder, renamed)."""
     from ..cameras import get_layout
@@ -173,8 +155,7 @@ def run_image(pipe, image: Path, folder: Path, options: InferOptions, seed: int,
     from .turntable import render_turntable
 
     out = pipe(image, seed=seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         t = time.perf_counter()
         s = options.settings
         strip = render_turntable(out.mesh, options.turntable, s.camera_distance, get_layout(s.layout).fov_deg)
@@ -182,8 +163,8 @@ def run_image(pipe, image: Path, folder: Path, options: InferOptions, seed: int,
         timings["turntable"] = time.perf_counter() - t
         t = time.perf_counter()
         save_glb(out.mesh, tmp / "mesh.glb")
-        _save_png(out.grid, tmp / "views.png")
-        _save_png(strip, tmp / "turntable.png")
+        write_png(tmp / "views.png", out.grid)
+        write_png(tmp / "turntable.png", strip)
         timings["write"] = time.perf_counter() - t
         doc = {
             **record,
@@ -202,9 +183,6 @@ def run_image(pipe, image: Path, folder: Path, options: InferOptions, seed: int,
             "outputs": list(OUTPUTS),
         }
         write_json(tmp / RESULT, doc, default=str)
-        _replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return doc
 
 

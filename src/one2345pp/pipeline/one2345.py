@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from .. import __version__
 from ..cameras import Camera, framing_distance, get_layout, multiview_cameras, tile
 from ..geometry.extraction import ExtractionConfig, extract_meshes
 from ..geometry.mesh import Mesh
+from ..utils.atomic import atomic_folder
 from .preprocess import PreprocessConfig, alpha_from_background, preprocess_image
 from .preprocess import check_config as check_preprocess
 
@@ -261,10 +260,7 @@ class One2345PPPipeline:
         from ..stages.texture import save_settings
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        try:
+        with atomic_folder(folder) as tmp:
             self.multiview.save_pretrained(str(tmp / "multiview"), safe_serialization=True)
             self.coarse.save_pretrained(tmp / "coarse")
             self.fine.save_pretrained(tmp / "fine")
@@ -273,12 +269,6 @@ class One2345PPPipeline:
             index.update({name: list(entry) for name, entry in COMPONENTS.items()})
             index["settings"] = OmegaConf.to_container(OmegaConf.structured(self.settings))
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-            if folder.exists():
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
         return folder
 
     def to(self, device=None, dtype=None) -> One2345PPPipeline:
