@@ -38,6 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..config import ConfigError, parse_overrides
 from ..utils.atomic import atomic_folder, write_json, write_png
+from ..utils.timing import timed
 from .turntable import TurntableConfig
 from .turntable import check_config as check_turntable
 
@@ -156,16 +157,14 @@ def run_image(pipe, image: Path, folder: Path, options: InferOptions, seed: int,
 
     out = pipe(image, seed=seed)
     with atomic_folder(folder) as tmp:
-        t = time.perf_counter()
         s = options.settings
-        strip = render_turntable(out.mesh, options.turntable, s.camera_distance, get_layout(s.layout).fov_deg)
         timings = dict(out.timings)
-        timings["turntable"] = time.perf_counter() - t
-        t = time.perf_counter()
-        save_glb(out.mesh, tmp / "mesh.glb")
-        write_png(tmp / "views.png", out.grid)
-        write_png(tmp / "turntable.png", strip)
-        timings["write"] = time.perf_counter() - t
+        with timed(timings, "turntable"):
+            strip = render_turntable(out.mesh, options.turntable, s.camera_distance, get_layout(s.layout).fov_deg)
+        with timed(timings, "write"):
+            save_glb(out.mesh, tmp / "mesh.glb")
+            write_png(tmp / "views.png", out.grid)
+            write_png(tmp / "turntable.png", strip)
         doc = {
             **record,
             "status": "ok",
