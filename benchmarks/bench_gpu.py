@@ -324,8 +324,8 @@ def write_scene(path: Path, objects: int, resolution: int) -> Path:
         uids.append(obj.uid)
     meta = {"objects": objects, "resolution": resolution, "uids": uids, "views": "input + six + held-out"}
     arrays["meta"] = np.array(json.dumps(meta))
-    with atomic_file(path) as tmp:
-        np.savez_compressed(tmp, **arrays)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
+        np.savez_compressed(f, **arrays)
     return path
 
 

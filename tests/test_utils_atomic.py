@@ -42,7 +42,7 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "a.txt"
     write_text(path, "old")
     with pytest.raises(RuntimeError), atomic_file(path) as tmp:
-        assert tmp.suffix == ".txt" and tmp.parent == tmp_path
+        assert tmp.name.startswith(".tmp-a.txt-") and tmp.suffix == ".tmp" and tmp.parent == tmp_path
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert path.read_text() == "old"

@@ -21,11 +21,13 @@ import numpy as np
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix, for writers that pick the format by it); when the
-    block finishes it is renamed over ``path``, when it raises it is removed. The parent folder is created."""
+    """Yield a temporary path beside ``path``; when the block finishes it is renamed over ``path``, when it raises
+    it is removed. The parent folder is created. The temporary name ends in ``.tmp``, so that a reader looking for
+    ``*.png`` or ``*.json`` never takes it for a finished file (writers that pick a format by the name's suffix are
+    given the format, or an open file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.stem}-", suffix=path.suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
