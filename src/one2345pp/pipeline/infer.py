@@ -31,15 +31,21 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
 
+from ..cameras import get_layout
 from ..config import ConfigError, parse_overrides
+from ..texture.export import save_glb
 from ..utils.atomic import atomic_folder, write_json, write_png
 from ..utils.timing import timed
-from .turntable import TurntableConfig
+from .one2345 import One2345PPPipeline, PipelineSettings, read_index
+from .turntable import TurntableConfig, render_turntable
 from .turntable import check_config as check_turntable
 
 OUTPUTS = ("mesh.glb", "views.png", "turntable.png", "result.json")
@@ -112,8 +118,6 @@ def apply_overrides(settings, texture, overrides) -> InferOptions:
 
 
 def versions() -> dict:
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for name in VERSIONED:
         try:
@@ -126,8 +130,6 @@ def versions() -> dict:
 def check_device(device: str | None) -> str:
     """``device`` checked (ValueError for an unknown name or a CUDA device this machine lacks); None: CUDA when
     available, else the CPU."""
-    import torch
-
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -151,10 +153,6 @@ def finished(folder: Path) -> bool:
 
 def run_image(pipe, image: Path, folder: Path, options: InferOptions, seed: int, record: dict) -> dict:
     """Run the pipeline on one image and write its four outputs into ``folder`` (temporary folder, renamed)."""
-    from ..cameras import get_layout
-    from ..texture.export import save_glb
-    from .turntable import render_turntable
-
     out = pipe(image, seed=seed)
     with atomic_folder(folder) as tmp:
         s = options.settings
@@ -199,10 +197,6 @@ def infer_images(
     """The ``infer`` job (see the module doc); returns one :class:`ImageResult` per image. ``device``: None picks
     CUDA when available, else the CPU. Bad overrides, a
     missing or broken pipeline folder and clashing output names raise before any image is run."""
-    from tqdm import tqdm
-
-    from .one2345 import One2345PPPipeline, PipelineSettings, read_index
-
     stream = stream if stream is not None else sys.stderr
     paths = expand_inputs(images)
     if not paths:
