@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from one2345pp.cli import DataBuildConfig
 from one2345pp.config import load_config, to_object
+from one2345pp.data.config import DataBuildConfig
 from one2345pp.data.sample import object_rng, sample_cameras
 from one2345pp.data.sources import materialise_procedural, procedural_items
 from one2345pp.geometry.mesh import Material, Mesh, concatenate

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from one2345pp.cli import DataBuildConfig
 from one2345pp.config import load_config, to_object
+from one2345pp.data.config import DataBuildConfig
 from one2345pp.data.sample import build_sample
 from one2345pp.data.shards import build_shards
 from one2345pp.data.sources import procedural_items

@@ -303,6 +303,7 @@ def write_scene(path: Path, objects: int, resolution: int) -> Path:
     from bench_texture import scene
 
     from one2345pp.rendering.rasterizer import make_rasterizer
+    from one2345pp.utils.atomic import atomic_file
 
     cpu = make_rasterizer("cpu")
     arrays: dict = {}
@@ -323,10 +324,8 @@ def write_scene(path: Path, objects: int, resolution: int) -> Path:
         uids.append(obj.uid)
     meta = {"objects": objects, "resolution": resolution, "uids": uids, "views": "input + six + held-out"}
     arrays["meta"] = np.array(json.dumps(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append .npz to a name
+        np.savez_compressed(f, **arrays)
     return path
 
 

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from one2345pp.cli import DataBuildConfig, main
+from one2345pp.cli import main
 from one2345pp.config import ConfigError, config_diff, load_config, save_config, to_object
+from one2345pp.data.config import DataBuildConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

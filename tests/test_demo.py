@@ -290,7 +290,7 @@ def test_a_shipped_multiview_run_stands_in_for_its_training(demo, tmp_path):
 
     from omegaconf import OmegaConf
 
-    from one2345pp.demo import _shipped_step
+    from one2345pp.demo.plan import shipped_step
     from one2345pp.pipeline.build import build_pipeline
 
     _, out, _ = demo
@@ -308,7 +308,7 @@ def test_a_shipped_multiview_run_stands_in_for_its_training(demo, tmp_path):
     shutil.copy(out / "data" / "config.yaml", shipped / "data_config.yaml")
 
     demo_out = tmp_path / "out"
-    outputs, summary, _ = _shipped_step(demo_out, "multiview", shipped)()
+    outputs, summary, _ = shipped_step(demo_out, "multiview", shipped)()
     assert outputs and all((demo_out / p).exists() for p in outputs)  # config.yaml and the export folder
     assert str(shipped) in summary and "2 steps" in summary
     assert not list((demo_out / "checkpoints" / "multiview").glob(".tmp-*"))

@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import SPHERE_RADIUS, tiny_coarse_config, tiny_fine_config, tiny_multiview, tiny_texture_settings
-from one2345pp.cli import DataBuildConfig, main
+from one2345pp.cli import main
 from one2345pp.config import save_config
+from one2345pp.data.config import DataBuildConfig
 from one2345pp.pipeline.one2345 import COMPONENTS, One2345PPPipeline, PipelineSettings
 
 

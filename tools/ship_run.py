@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from one2345pp.demo.steps import training_metrics
 from one2345pp.pipeline.build import RUN_DATA_CONFIG
+from one2345pp.utils.atomic import atomic_folder
 
 
 def manifest_count(data: Path) -> int:
@@ -95,10 +96,7 @@ def ship(run: Path, data: Path, bench_json: Path, seconds: float, command: str, 
         if not need.is_file():
             raise FileNotFoundError(f"ship: {need} is missing")
     bench = json.loads(bench_json.read_text())
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         shutil.copy2(run / "config.yaml", tmp / "config.yaml")
         shutil.copytree(run / "export", tmp / "export")
         (tmp / "logs").mkdir()
@@ -109,11 +107,6 @@ def ship(run: Path, data: Path, bench_json: Path, seconds: float, command: str, 
             shutil.copy2(sheets[-1], tmp / "media" / "val_samples" / sheets[-1].name)
         shutil.copy2(data / "config.yaml", tmp / RUN_DATA_CONFIG)
         (tmp / "MODEL_CARD.md").write_text(model_card(run, data, bench, seconds, command, note))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, load_config, to_object
-from .data.config import DataConfig
+from .data.config import DataBuildConfig
 from .data.sources import SOURCES
 from .registry import STAGES as REGISTERED_STAGES
 
@@ -22,11 +21,6 @@ DATASETS = ("gso", "procedural")  # eval --dataset (one2345pp.evaluation.dataset
 # (``one2345pp train``) and ``export(run, out=None) -> Path`` (``one2345pp export``: a run directory or checkpoint ->
 # the folder the pipeline loads).
 STAGES: dict[str, str] = {name: entry.module for name, entry in REGISTERED_STAGES.items()}
-
-
-@dataclass
-class DataBuildConfig:
-    data: DataConfig = field(default_factory=DataConfig)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -155,6 +149,10 @@ def slurm_array_rank() -> tuple[int, int]:
     step = int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
     rank = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN") or 0)) // step
     return rank, int(env.get("SLURM_ARRAY_TASK_COUNT") or 1)
+
+
+# Each command imports its own stack inside its handler: a `data build` worker or `--help` should not pay for
+# importing torch, diffusers and lightning that other commands need (the demo starts the CLI once per step).
 
 
 def cmd_data_build(args) -> int:

@@ -7,12 +7,13 @@ Every command goes through :func:`load_config` and writes the resolved result be
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from .utils.atomic import write_text
 
 
 class ConfigError(ValueError):
@@ -55,14 +56,8 @@ def to_object(cfg: DictConfig):
 
 def save_config(cfg, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg), resolve=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text)
 
 
 def config_diff(a, b, prefix: str = "") -> list[str]:
@@ -75,3 +70,34 @@ def config_diff(a, b, prefix: str = "") -> list[str]:
             out += config_diff(da.get(key), db.get(key), f"{prefix}{key}.")
         return out
     return [] if da == db else [prefix.rstrip(".")]
+
+
+def check_or_save_config(
+    path: str | os.PathLike,
+    cfg,
+    *,
+    what: str,
+    remedy: str,
+    ignore: Sequence[str] = (),
+    read: Callable[[Path], object] = OmegaConf.load,
+    keep: bool = False,
+) -> Path:
+    """Refuse to mix settings in one output folder: when ``path`` holds a config (``read`` from the file) that
+    differs from ``cfg`` in keys other than ``ignore`` (settings that do not change the outputs), raise a
+    :class:`ConfigError` naming the file, ``what`` it records, the differing keys and the ``remedy``. Otherwise
+    write ``cfg`` to ``path`` (:func:`save_config`); with ``keep`` a file already there is left as it is, so it
+    records the run that made the folder rather than the latest one."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            held = read(path)
+        except Exception as exc:
+            raise ConfigError(f"{path}: unreadable ({exc}); {remedy}") from exc
+        diff = [k for k in config_diff(held, cfg) if k not in ignore]
+        if diff:
+            raise ConfigError(
+                f"{path.parent} holds {what} made with other settings ({', '.join(diff)} differ, see {path}); {remedy}"
+            )
+        if keep:
+            return path
+    return save_config(cfg, path)

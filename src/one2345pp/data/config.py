@@ -53,6 +53,13 @@ class DataConfig:
 
 
 @dataclass
+class DataBuildConfig:
+    """The file ``one2345pp data build --config`` reads (``data:`` at its top, as in a stage's config)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
 class LoaderConfig:
     """What a LightningDataModule reads: shard URL patterns (brace-expanded) and how to stream them."""
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.atomic import write_png
+
 
 def _composite(rgba: np.ndarray, gray: float = 0.5) -> np.ndarray:
     a = rgba[..., 3:4].astype(np.float32) / 255.0
@@ -57,9 +59,4 @@ def write_contact_sheet(shard_dir: str | Path, out: str | Path, num: int = 4, ro
         if len(rows) >= num:
             break
     sheet = np.concatenate(rows, axis=0)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    Image.fromarray(sheet).save(tmp, format="PNG")
-    tmp.replace(out)
-    return out
+    return write_png(out, sheet)

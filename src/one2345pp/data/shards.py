@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..cameras import get_layout
-from ..config import ConfigError, config_diff, save_config
+from ..config import check_or_save_config
 from ..geometry.mesh import MeshError
 from ..geometry.mesh_io import resolve_up_axis
 from ..rendering.raycast import RaycastRenderer
@@ -194,7 +194,15 @@ def build_shards(
     if dup:
         raise ValueError(f"duplicate uids in the {source} source: {dup[:5]}")
     out.mkdir(parents=True, exist_ok=True)
-    _check_or_save_config(out, cfg)
+    check_or_save_config(
+        out / "config.yaml",
+        OmegaConf.create({"data": OmegaConf.structured(cfg)}),
+        what="a shard build",
+        remedy="use another --out folder or the same settings",
+        ignore=[f"data.{k}" for k in _RUN_ONLY_KEYS],
+        read=_read_build_config,
+        keep=True,  # config.yaml records the settings the shards were built with
+    )
     mine = items[rank::world_size]
     manifest = Manifest(out / MANIFEST)
     held = manifest.load()
@@ -252,19 +260,8 @@ def _check_settings(cfg: DataConfig) -> None:
         raise ValueError("data.cond_elevation_min must not exceed data.cond_elevation_max")
 
 
-def _check_or_save_config(out: Path, cfg: DataConfig) -> None:
-    path = out / "config.yaml"
-    current = OmegaConf.structured(cfg)
-    if path.is_file():
-        try:
-            previous = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path).get("data", {}))
-        except Exception as exc:
-            raise ConfigError(f"{path}: unreadable config of an earlier build ({exc})") from exc
-        diff = [k for k in config_diff(previous, current) if k not in _RUN_ONLY_KEYS]
-        if diff:
-            raise ConfigError(
-                f"{out} was built with other data settings (differing keys: {', '.join(diff)}); "
-                "use another --out folder or the same settings"
-            )
-        return
-    save_config(OmegaConf.create({"data": current}), path)
+def _read_build_config(path: Path):
+    """An earlier build's ``data`` section over today's defaults, so that keys added since do not count as changed."""
+    return OmegaConf.create(
+        {"data": OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path).get("data", {}))}
+    )

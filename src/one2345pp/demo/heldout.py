@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
+
+from ..utils.atomic import write_bytes
 
 FOLDER = "heldout"
 SHARDS = f"{FOLDER}/shards"
 INDEX = "images.json"
-
-
-def _save_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _on_gray(png: bytes) -> bytes:
@@ -60,8 +55,8 @@ def extract_images(out: Path, limit: int | None = None) -> list[dict]:
         if missing:
             raise ValueError(f"held-out sample {uid} lacks {', '.join(sorted(missing))}")
         inp, gt = folder / f"{uid}.png", folder / f"{uid}_gt_views.png"
-        _save_bytes(inp, fields["cond0.png"])
-        _save_bytes(gt, _on_gray(fields["mv0.png"]))
+        write_bytes(inp, fields["cond0.png"])
+        write_bytes(gt, _on_gray(fields["mv0.png"]))
         cond = json.loads(fields["cams.json"])["samples"][0]["cond"]
         records.append(
             {
@@ -72,5 +67,5 @@ def extract_images(out: Path, limit: int | None = None) -> list[dict]:
                 "elevation_deg": cond["elevation_deg"],
             }
         )
-    _save_bytes(folder / INDEX, (json.dumps(records, indent=2) + "\n").encode())
+    write_bytes(folder / INDEX, (json.dumps(records, indent=2) + "\n").encode())
     return records

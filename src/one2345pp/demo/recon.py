@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-from ..utils.atomic import write_json
+from ..utils.atomic import write_json, write_png
 
 TAU = 0.05
 METRICS = ("iou", "fscore", "chamfer", "sphere_fscore", "sphere_chamfer")
@@ -128,11 +127,7 @@ def reconstruct(
             row.update(fscore=scores["fscore"], chamfer=scores["chamfer"], faces=int(mesh.num_faces))
             save_glb(vertex_colored(mesh), folder / "mesh.glb")
             strip = render_turntable(mesh, turn, distance, fov)
-            from PIL import Image
-
-            tmp = folder / ".turntable.png.tmp"
-            Image.fromarray(strip).save(tmp, format="PNG")
-            os.replace(tmp, folder / "turntable.png")
+            write_png(folder / "turntable.png", strip)
             row.update(mesh=f"{meta['uid']}/mesh.glb", turntable=f"{meta['uid']}/turntable.png")
         row["seconds"] = time.perf_counter() - t0
         write_json(done, row)

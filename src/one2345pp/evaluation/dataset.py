@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -43,12 +42,13 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ..cameras import Camera, get_layout
-from ..config import ConfigError, config_diff, load_config, save_config, to_object
+from ..config import ConfigError, check_or_save_config, load_config, to_object
 from ..data.sources import SourceItem, gso_items, procedural_items
 from ..geometry.mesh import Mesh, MeshError
 from ..geometry.mesh_io import normalize, resolve_up_axis
 from ..pipeline.one2345 import INDEX_FILE, One2345PPPipeline
 from ..texture.export import export_mesh
+from ..utils.atomic import write_json, write_png
 from .config import RUN_ONLY_KEYS, EvalConfig
 from .report import _json_value, normalize_rows, summarize, write_report
 from .scoring import ObjectScorer, resolve_device, unavailable_metrics
@@ -137,36 +137,6 @@ def input_camera(settings, cfg: EvalConfig) -> Camera:
     return Camera(0.0, float(cfg.input.elevation_deg), float(settings.camera_distance), fov, size, size)
 
 
-# ----------------------------------------------------------------------------------------------------- writing
-def _tmp_then_rename(path: Path, write) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _save_png(path: Path, image) -> Path:
-    from PIL import Image
-
-    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-    return _tmp_then_rename(path, lambda tmp: im.save(tmp, format="PNG"))
-
-
-def _save_json(path: Path, data) -> Path:
-    text = json.dumps(_json_value(data), indent=2, allow_nan=False) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return _tmp_then_rename(path, write)
-
-
 def _read_row(path: Path, uid: str) -> dict | None:
     """A finished object's row, or None (absent, unreadable or someone else's file: the object is evaluated)."""
     if not path.is_file():
@@ -201,11 +171,11 @@ def evaluate_object(item: SourceItem, pipe, scorer, cfg: EvalConfig, out_dir: Pa
         step = "ground truth"
         gt = frame_ground_truth(mesh, pipe.settings.extent, cfg.input.azimuth_deg)
         rgba = scorer.renderer.render(gt, input_camera(pipe.settings, cfg)).to_uint8_rgba()
-        _save_png(folder / "input.png", rgba)
+        write_png(folder / "input.png", rgba)
         row["input_image"] = (rel / "input.png").as_posix()
         step = "pipeline"
         result = pipe(Image.fromarray(rgba, "RGBA"), seed=cfg.seed, **call)
-        _save_png(folder / "views.png", result.grid)
+        write_png(folder / "views.png", result.grid)
         row["views_image"] = (rel / "views.png").as_posix()
         mesh_name = f"mesh.{cfg.mesh_format}"
         export_mesh(result.mesh, folder / mesh_name)
@@ -223,7 +193,7 @@ def evaluate_object(item: SourceItem, pipe, scorer, cfg: EvalConfig, out_dir: Pa
             alpha_threshold=pipe.settings.view_alpha_threshold,
         )
         for name, image in scored.images.items():
-            _save_png(folder / f"{name}.png", image)
+            write_png(folder / f"{name}.png", image)
             row[f"{name}_image"] = (rel / f"{name}.png").as_posix()
         row.update(scored.metrics)
         row.update(status="ok", reason=None)
@@ -233,7 +203,7 @@ def evaluate_object(item: SourceItem, pipe, scorer, cfg: EvalConfig, out_dir: Pa
         log.warning("object %s failed at %s: %s", item.uid, step, reason)
     row["eval_seconds"] = time.perf_counter() - t0
     row = _json_value(row)  # what the file holds (an infinite PSNR becomes null), so reruns read the same rows
-    _save_json(folder / METRICS_FILE, row)
+    write_json(folder / METRICS_FILE, _json_value(row), allow_nan=False)
     return row
 
 
@@ -263,19 +233,13 @@ def _run_record(dataset: str, input_dir, pipeline_dir: Path, cfg: EvalConfig) ->
 
 
 def _check_or_save_run(out: Path, record: dict) -> None:
-    path = out / RUN_FILE
-    if path.is_file():
-        try:
-            held = OmegaConf.to_container(OmegaConf.load(path))
-        except Exception as exc:
-            raise ConfigError(f"{path}: unreadable ({exc}); remove it or choose another --out") from exc
-        diff = [k for k in config_diff(held, record) if k.removeprefix("config.") not in RUN_ONLY_KEYS]
-        if diff:
-            raise ConfigError(
-                f"{out} holds an evaluation with other settings ({', '.join(diff)} differ, see {path}); "
-                "choose another --out or rerun with the same settings to resume"
-            )
-    save_config(OmegaConf.create(record), path)
+    check_or_save_config(
+        out / RUN_FILE,
+        OmegaConf.create(record),
+        what="an evaluation",
+        remedy="choose another --out, or rerun with the same settings to resume",
+        ignore=[f"config.{k}" for k in RUN_ONLY_KEYS],
+    )
 
 
 def evaluate_dataset(

@@ -27,13 +27,12 @@ sidecar files) and renamed into place.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from ..utils.atomic import atomic_files, write_bytes
 from .gltf import Y_UP_TO_Z_UP, gltf_bytes, read_gltf
 from .mesh import Material, Mesh, MeshError, concatenate
 
@@ -257,22 +256,17 @@ def save_mesh(mesh: Mesh, path: str | os.PathLike) -> Path:
         if any(mat.texture is not None for mat in mesh.materials):
             raise ValueError(f"cannot write {path}: PLY keeps vertex colours only; write .glb or .obj for textures")
         data = trimesh.util.concatenate(parts).export(file_type="ply")
-        _write_atomic(path, data)
+        write_bytes(path, data)
     elif suffix == ".glb":
-        _write_atomic(path, gltf_bytes(mesh))
-    else:  # OBJ with sidecar files: write everything into a temporary folder, then move the files into place
-        tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-        try:
-            names = _write_obj(mesh, tmpdir, path.stem)
-            for name in sorted(names, key=lambda n: n == path.name):  # the .obj itself last
-                os.replace(tmpdir / name, path.parent / name)
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+        write_bytes(path, gltf_bytes(mesh))
+    else:  # OBJ with sidecar files, moved into place together
+        with atomic_files(path.parent, last=path.name) as tmpdir:
+            _write_obj(mesh, tmpdir, path.stem)
     return path
 
 
-def _write_obj(mesh: Mesh, folder: Path, stem: str) -> list[str]:
-    """Write ``stem.obj`` (and ``stem.mtl`` + PNG textures) into ``folder``; return the file names written.
+def _write_obj(mesh: Mesh, folder: Path, stem: str) -> None:
+    """Write ``stem.obj`` (and ``stem.mtl`` + PNG textures) into ``folder``.
 
     OBJ holds either vertex colours (the ``v x y z r g b`` extension, read back as vertex colours) or materials: a
     mesh with corner colours is written with per-corner vertex colours (material colours multiplied in); a mesh
@@ -285,7 +279,6 @@ def _write_obj(mesh: Mesh, folder: Path, stem: str) -> list[str]:
     if mesh.corner_colors is not None and has_texture:
         raise ValueError(f"cannot write {stem}.obj: OBJ cannot hold textures and vertex colours together; use .glb")
     lines = [f"# one2345pp {stem}"]
-    files = [f"{stem}.obj"]
     if not has_texture:
         # per-corner colour = material base colour x corner colour; merge corners with equal position and colour
         base = np.stack([m.base_color for m in mesh.materials])[mesh.face_material]  # [F, 4]
@@ -313,7 +306,6 @@ def _write_obj(mesh: Mesh, folder: Path, stem: str) -> list[str]:
                 tex = mat.texture.astype(np.float32)
                 tex[..., :3] *= mat.base_color[:3]
                 Image.fromarray(tex.round().astype(np.uint8)).save(folder / tex_name)
-                files.append(tex_name)
                 mtl += [f"newmtl {name}", "Kd 1 1 1", f"d {a:.6f}", "illum 1", f"map_Kd {tex_name}"]
             lines.append(f"usemtl {name}")
             for f_id in sel:
@@ -321,17 +313,4 @@ def _write_obj(mesh: Mesh, folder: Path, stem: str) -> list[str]:
                 t = 3 * f_id + np.arange(3) + 1
                 lines.append(f"f {v[0]}/{t[0]} {v[1]}/{t[1]} {v[2]}/{t[2]}")
         (folder / f"{stem}.mtl").write_text("\n".join(mtl) + "\n")
-        files.append(f"{stem}.mtl")
     (folder / f"{stem}.obj").write_text("\n".join(lines) + "\n")
-    return files
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

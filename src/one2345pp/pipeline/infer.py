@@ -28,19 +28,24 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
 
+from ..cameras import get_layout
 from ..config import ConfigError, parse_overrides
-from ..utils.atomic import write_json
-from .turntable import TurntableConfig
+from ..texture.export import save_glb
+from ..utils.atomic import atomic_folder, write_json, write_png
+from ..utils.timing import timed
+from .one2345 import One2345PPPipeline, PipelineSettings, read_index
+from .turntable import TurntableConfig, render_turntable
 from .turntable import check_config as check_turntable
 
 OUTPUTS = ("mesh.glb", "views.png", "turntable.png", "result.json")
@@ -113,8 +118,6 @@ def apply_overrides(settings, texture, overrides) -> InferOptions:
 
 
 def versions() -> dict:
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for name in VERSIONED:
         try:
@@ -127,8 +130,6 @@ def versions() -> dict:
 def check_device(device: str | None) -> str:
     """``device`` checked (ValueError for an unknown name or a CUDA device this machine lacks); None: CUDA when
     available, else the CPU."""
-    import torch
-
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -150,41 +151,18 @@ def finished(folder: Path) -> bool:
         return False
 
 
-def _save_png(image, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run_image(pipe, image: Path, folder: Path, options: InferOptions, seed: int, record: dict) -> dict:
     """Run the pipeline on one image and write its four outputs into ``folder`` (temporary folder, renamed)."""
-    from ..cameras import get_layout
-    from ..texture.export import save_glb
-    from .turntable import render_turntable
-
     out = pipe(image, seed=seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        t = time.perf_counter()
+    with atomic_folder(folder) as tmp:
         s = options.settings
-        strip = render_turntable(out.mesh, options.turntable, s.camera_distance, get_layout(s.layout).fov_deg)
         timings = dict(out.timings)
-        timings["turntable"] = time.perf_counter() - t
-        t = time.perf_counter()
-        save_glb(out.mesh, tmp / "mesh.glb")
-        _save_png(out.grid, tmp / "views.png")
-        _save_png(strip, tmp / "turntable.png")
-        timings["write"] = time.perf_counter() - t
+        with timed(timings, "turntable"):
+            strip = render_turntable(out.mesh, options.turntable, s.camera_distance, get_layout(s.layout).fov_deg)
+        with timed(timings, "write"):
+            save_glb(out.mesh, tmp / "mesh.glb")
+            write_png(tmp / "views.png", out.grid)
+            write_png(tmp / "turntable.png", strip)
         doc = {
             **record,
             "status": "ok",
@@ -202,9 +180,6 @@ def run_image(pipe, image: Path, folder: Path, options: InferOptions, seed: int,
             "outputs": list(OUTPUTS),
         }
         write_json(tmp / RESULT, doc, default=str)
-        _replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return doc
 
 
@@ -222,10 +197,6 @@ def infer_images(
     """The ``infer`` job (see the module doc); returns one :class:`ImageResult` per image. ``device``: None picks
     CUDA when available, else the CPU. Bad overrides, a
     missing or broken pipeline folder and clashing output names raise before any image is run."""
-    from tqdm import tqdm
-
-    from .one2345 import One2345PPPipeline, PipelineSettings, read_index
-
     stream = stream if stream is not None else sys.stderr
     paths = expand_inputs(images)
     if not paths:

@@ -24,9 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +37,9 @@ from ..cameras import Camera, framing_distance, get_layout, multiview_cameras, t
 from ..geometry.extraction import ExtractionConfig, extract_meshes
 from ..geometry.mesh import Mesh
 from ..registry import STAGES, component_class
-from ..texture.settings import TextureSettings, load_settings, save_settings
+from ..texture.settings import TextureSettings, load_settings, save_settings, texture_mesh
+from ..utils.atomic import atomic_folder
+from ..utils.timing import timed
 from .preprocess import PreprocessConfig, alpha_from_background, preprocess_image
 from .preprocess import check_config as check_preprocess
 
@@ -245,10 +244,7 @@ class One2345PPPipeline:
         """Write the pipeline folder (temporary name beside it, renamed when complete; an existing folder is
         replaced only then)."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        try:
+        with atomic_folder(folder) as tmp:
             self.multiview.save_pretrained(str(tmp / "multiview"), safe_serialization=True)
             self.coarse.save_pretrained(tmp / "coarse")
             self.fine.save_pretrained(tmp / "fine")
@@ -257,12 +253,6 @@ class One2345PPPipeline:
             index.update({name: list(entry) for name, entry in COMPONENTS.items()})
             index["settings"] = OmegaConf.to_container(OmegaConf.structured(self.settings))
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-            if folder.exists():
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
         return folder
 
     def to(self, device=None, dtype=None) -> One2345PPPipeline:
@@ -316,105 +306,126 @@ class One2345PPPipeline:
 
         Raises :class:`~one2345pp.pipeline.preprocess.ImageError` for a bad image and RuntimeError when the coarse
         stage finds no surface."""
+        # 1. check the inputs: the run's settings (arguments over the pipeline's defaults) and the image
+        run = self._run_settings(
+            seed=seed,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            coarse_steps=coarse_steps,
+            fine_steps=fine_steps,
+            refine=refine,
+            refine_iterations=refine_iterations,
+            coarse_guidance=coarse_guidance,
+            fine_guidance=fine_guidance,
+        )
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        timings: dict[str, float] = {}
+        with timed(timings, "total"):
+            # 2. the condition image: background removed, object framed as the shards frame it
+            with timed(timings, "preprocess"):
+                cond_rgb, _ = preprocess_image(image, self.settings.preprocess)
+            # 3. six views around the object
+            with timed(timings, "multiview"):
+                views = self._multiview_views(cond_rgb, run, progress)
+            cameras = self.cameras(views.shape[-1])
+            cond = torch.from_numpy(cond_rgb).permute(2, 0, 1).float().div(255.0).to(self.device)
+            gen3d = torch.Generator(device="cpu").manual_seed(run["seed"] + 1)  # one stream for both 3D stages
+            # 4. coarse occupancy
+            with timed(timings, "coarse"):
+                occ = self._coarse_occupancy(views, cameras, cond, run, gen3d)
+            # 5. fine SDF and colour on the occupied cells
+            with timed(timings, "fine"):
+                fine = self.fine.sample(
+                    views,
+                    cameras,
+                    cond,
+                    coarse_occ=occ,
+                    steps=run["fine_steps"],
+                    generator=gen3d,
+                    guidance_scale=run["fine_guidance"],
+                )
+            # 6. the mesh
+            with timed(timings, "extraction"):
+                mesh_raw = extract_meshes(fine, self.settings.extraction.extraction(self.fine.resolution))[0]
+            # 7. its texture (refined against the views) or vertex colours
+            with timed(timings, "texture"):
+                mesh = self._texture(mesh_raw, views, cameras, run, progress)
+        # 8. the outputs
+        return self._output(cond_rgb, views, cameras, occ, mesh_raw, mesh, timings, run)
+
+    def _run_settings(self, **given) -> dict:
+        """The run's settings: each argument, else the pipeline settings' value, else the model's own; the step
+        counts are checked."""
         s = self.settings
 
         def pick(value, default):
             return default if value is None else value
 
-        tex = self.texture
-        if refine_iterations is not None:
-            tex = dataclasses.replace(tex, refine=dataclasses.replace(tex.refine, iterations=int(refine_iterations)))
+        mv_guidance = pick(s.guidance_scale, self.multiview.config.get("guidance_scale", 4.0))
         run = {
-            "seed": int(seed),
-            "num_inference_steps": int(pick(num_inference_steps, s.num_inference_steps)),
-            "guidance_scale": float(
-                pick(guidance_scale, pick(s.guidance_scale, self.multiview.config.get("guidance_scale", 4.0)))
-            ),
-            "sampler": pick(sampler, s.sampler),
-            "coarse_steps": int(pick(coarse_steps, s.coarse_steps)),
-            "fine_steps": int(pick(fine_steps, s.fine_steps)),
+            "seed": int(given["seed"]),
+            "num_inference_steps": int(pick(given["num_inference_steps"], s.num_inference_steps)),
+            "guidance_scale": float(pick(given["guidance_scale"], mv_guidance)),
+            "sampler": pick(given["sampler"], s.sampler),
+            "coarse_steps": int(pick(given["coarse_steps"], s.coarse_steps)),
+            "fine_steps": int(pick(given["fine_steps"], s.fine_steps)),
             "coarse_guidance": float(
-                pick(coarse_guidance, pick(s.coarse_guidance, self.coarse.cfg.diffusion.guidance_scale))
+                pick(given["coarse_guidance"], pick(s.coarse_guidance, self.coarse.cfg.diffusion.guidance_scale))
             ),
-            "fine_guidance": float(pick(fine_guidance, pick(s.fine_guidance, self.fine.cfg.diffusion.guidance_scale))),
-            "refine": bool(pick(refine, s.refine)),
-            "refine_iterations": int(tex.refine.iterations),
+            "fine_guidance": float(
+                pick(given["fine_guidance"], pick(s.fine_guidance, self.fine.cfg.diffusion.guidance_scale))
+            ),
+            "refine": bool(pick(given["refine"], s.refine)),
+            "refine_iterations": int(pick(given["refine_iterations"], self.texture.refine.iterations)),
         }
         for key in ("num_inference_steps", "coarse_steps", "fine_steps"):
             if run[key] < 1:
                 raise ValueError(f"{key} must be >= 1, got {run[key]}")
-        if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
-        timings: dict[str, float] = {}
-        t_all = time.perf_counter()
+        return run
 
-        t = time.perf_counter()
-        cond_rgb, _ = preprocess_image(image, s.preprocess)
-        timings["preprocess"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        gen = torch.Generator(device="cpu").manual_seed(run["seed"])
+    def _multiview_views(self, cond_rgb: np.ndarray, run: dict, progress: bool) -> torch.Tensor:
+        """The six generated views, ``[6, 3, h, w]`` in [0, 1] on gray, on the pipeline's device."""
         self.multiview.set_progress_bar_config(disable=not progress)
         mv = self.multiview(
             Image.fromarray(cond_rgb),
             num_inference_steps=run["num_inference_steps"],
             guidance_scale=run["guidance_scale"],
             sampler=run["sampler"],
-            generator=gen,
-            view_size=s.view_size,
+            generator=torch.Generator(device="cpu").manual_seed(run["seed"]),
+            view_size=self.settings.view_size,
             output_type="pt",
         )
-        views = mv.views[0].float().to(self.device)  # [6, 3, h, w] in [0, 1] on gray
-        timings["multiview"] = time.perf_counter() - t
+        return mv.views[0].float().to(self.device)
 
-        cameras = self.cameras(views.shape[-1])
-        cond = torch.from_numpy(cond_rgb).permute(2, 0, 1).float().div(255.0).to(self.device)
-        t = time.perf_counter()
-        gen3d = torch.Generator(device="cpu").manual_seed(run["seed"] + 1)
+    def _coarse_occupancy(self, views, cameras, cond, run: dict, generator) -> torch.Tensor:
         occ = self.coarse.sample(
-            views, cameras, cond, steps=run["coarse_steps"], generator=gen3d, guidance_scale=run["coarse_guidance"]
+            views, cameras, cond, steps=run["coarse_steps"], generator=generator, guidance_scale=run["coarse_guidance"]
         )
-        timings["coarse"] = time.perf_counter() - t
         if not bool((occ > 0).any()):
             raise RuntimeError(
                 f"the coarse stage produced an empty occupancy volume for seed {run['seed']} (no surface to "
                 "extract); try another seed or guidance, or check that the image shows one object"
             )
+        return occ
 
-        t = time.perf_counter()
-        fine = self.fine.sample(
-            views,
-            cameras,
-            cond,
-            coarse_occ=occ,
-            steps=run["fine_steps"],
-            generator=gen3d,
-            guidance_scale=run["fine_guidance"],
-        )
-        timings["fine"] = time.perf_counter() - t
+    def _texture(self, mesh_raw: Mesh, views, cameras, run: dict, progress: bool) -> Mesh:
+        if not run["refine"]:
+            return vertex_colored(mesh_raw)
+        refine = dataclasses.replace(self.texture.refine, iterations=run["refine_iterations"], progress=progress)
+        tex = dataclasses.replace(self.texture, refine=refine)
+        with torch.enable_grad():
+            mesh, _ = texture_mesh(mesh_raw, self._views_for_texture(views, cameras), tex, self.device)
+        return mesh
 
-        t = time.perf_counter()
-        mesh_raw = extract_meshes(fine, s.extraction.extraction(self.fine.resolution))[0]
-        timings["extraction"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        if run["refine"]:
-            from ..texture.settings import texture_mesh
-
-            tex = dataclasses.replace(tex, refine=dataclasses.replace(tex.refine, progress=progress))
-            with torch.enable_grad():
-                mesh, _ = texture_mesh(mesh_raw, self._views_for_texture(views, cameras), tex, self.device)
-        else:
-            mesh = vertex_colored(mesh_raw)
-        timings["texture"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t_all
-
+    @staticmethod
+    def _output(cond_rgb, views, cameras, occ, mesh_raw, mesh, timings, run) -> PipelineOutput:
         pil = [Image.fromarray(np.uint8(np.round(v.permute(1, 2, 0).cpu().numpy() * 255))) for v in views]
-        grid = Image.fromarray(tile([np.asarray(p) for p in pil]))
         return PipelineOutput(
             condition=Image.fromarray(cond_rgb),
             views=pil,
-            grid=grid,
+            grid=Image.fromarray(tile([np.asarray(p) for p in pil])),
             cameras=cameras,
             coarse_occupancy=(occ[0, 0] > 0).cpu().numpy(),
             mesh_raw=mesh_raw,

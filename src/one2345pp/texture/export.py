@@ -33,9 +33,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +41,7 @@ import numpy as np
 
 from ..geometry.gltf import Z_UP_TO_Y_UP, GlbBuffer, srgb_to_linear
 from ..geometry.mesh import Material, Mesh, sample_texture
+from ..utils.atomic import atomic_files, write_bytes
 
 __all__ = ["EXPORT_SUFFIXES", "TexturedMesh", "export_mesh", "save_glb", "save_obj", "save_ply"]
 
@@ -161,17 +160,6 @@ def _rgba8(colors: np.ndarray) -> np.ndarray:
     return np.clip(np.round(colors * 255.0), 0, 255).astype(np.uint8)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _target(path: str | os.PathLike, suffix: str) -> Path:
     path = Path(path)
     if path.suffix.lower() != suffix:
@@ -238,7 +226,7 @@ def glb_bytes(tm: TexturedMesh) -> bytes:
 
 def save_glb(tm: TexturedMesh, path: str | os.PathLike) -> Path:
     path = _target(path, ".glb")
-    _write_atomic(path, glb_bytes(tm))
+    write_bytes(path, glb_bytes(tm))
     return path
 
 
@@ -269,18 +257,11 @@ def save_obj(tm: TexturedMesh, path: str | os.PathLike) -> Path:
     path = _target(path, ".obj")
     stem = path.stem
     obj, mtl = _obj_text(tm, stem)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    try:
-        names = []
+    with atomic_files(path.parent, last=path.name) as tmpdir:  # once the .obj exists, its sidecar files do too
         if mtl is not None:
             (tmpdir / f"{stem}.png").write_bytes(_png_bytes(tm.texture))
             (tmpdir / f"{stem}.mtl").write_text(mtl)
-            names += [f"{stem}.png", f"{stem}.mtl"]
         (tmpdir / path.name).write_text(obj)
-        for name in [*names, path.name]:  # the .obj last: once it exists, its sidecar files do too
-            os.replace(tmpdir / name, path.parent / name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return path
 
 
@@ -322,7 +303,7 @@ def ply_bytes(tm: TexturedMesh) -> bytes:
 def save_ply(tm: TexturedMesh, path: str | os.PathLike) -> Path:
     """Binary PLY with vertex normals and colours (a texture is sampled at the vertex UVs)."""
     path = _target(path, ".ply")
-    _write_atomic(path, ply_bytes(tm))
+    write_bytes(path, ply_bytes(tm))
     return path
 
 

@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from ..utils.atomic import atomic_file, write_bytes, write_png
 
 
 def _rank_zero(trainer) -> bool:
@@ -31,12 +32,6 @@ def _media_path(trainer, key: str, step: int, suffix: str) -> Path:
     folder = root / "media" / key.replace("/", "_")
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"step{step:07d}{suffix}"
-
-
-def _atomic_png(image: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def as_uint8_image(image) -> np.ndarray:
@@ -60,7 +55,7 @@ def log_image(trainer, key: str, image, step: int | None = None) -> Path | None:
     step = int(getattr(trainer, "global_step", 0) if step is None else step)
     img = as_uint8_image(image)
     path = _media_path(trainer, key, step, ".png")
-    _atomic_png(img, path)
+    write_png(path, img)
     for logger in getattr(trainer, "loggers", []) or []:
         if _is_wandb(logger):
             logger.log_image(key=key, images=[img], step=step)
@@ -80,10 +75,7 @@ def _as_glb(path: Path) -> Path:
     from ..geometry.mesh_io import load_mesh
 
     out = path.with_suffix(".glb")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(gltf_bytes(load_mesh(path)))
-    os.replace(tmp, out)
-    return out
+    return write_bytes(out, gltf_bytes(load_mesh(path)))
 
 
 def log_mesh(trainer, key: str, mesh_file: str | os.PathLike, step: int | None = None) -> Path | None:
@@ -95,9 +87,8 @@ def log_mesh(trainer, key: str, mesh_file: str | os.PathLike, step: int | None =
     if not src.is_file():
         raise FileNotFoundError(f"mesh to log does not exist: {src}")
     path = _media_path(trainer, key, step, src.suffix.lower())
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        shutil.copyfile(src, tmp)
     for logger in getattr(trainer, "loggers", []) or []:
         experiment = getattr(logger, "experiment", None)
         if _is_wandb(logger):

@@ -1,0 +1,108 @@
+"""The Lightning ``Trainer`` of a run: checkpoints (top-k and last), logger, progress lines, the checkpoint to
+resume from, and the callbacks every run gets (per-rank seeds, the logging step of a resumed run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar
+
+from .config import RunConfig, TrainerConfig
+from .loggers import make_logger
+from .progress import progress_callback
+
+
+def resume_path(run: RunConfig, directory: Path) -> str | None:
+    if run.resume is None:
+        return None
+    if run.resume == "last":
+        last = directory / "ckpts" / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"run.resume=last but {last} does not exist (is run.name the run to continue?)")
+        return str(last)
+    if not Path(run.resume).is_file():
+        raise FileNotFoundError(f"run.resume: checkpoint not found: {run.resume}")
+    return run.resume
+
+
+def _devices(value: str):
+    v = str(value).strip()
+    if v == "auto":
+        return "auto"
+    if "," in v:
+        return [int(x) for x in v.split(",") if x.strip()]
+    return int(v)
+
+
+def build_trainer(cfg_trainer: TrainerConfig, run: RunConfig, directory: Path, stage: str, callbacks=()):
+    ckpt = ModelCheckpoint(
+        dirpath=str(directory / "ckpts"),
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        save_last=True,
+        save_top_k=run.save_top_k if run.monitor else 0,
+        monitor=run.monitor,
+        every_n_train_steps=run.every_n_train_steps,
+    )
+    logger = make_logger(run, directory, stage)
+    cbs = [ckpt, *callbacks]
+    t = cfg_trainer
+    if t.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in cbs):
+        line_progress = progress_callback(stage, max(1, t.log_every_n_steps))  # None on a terminal: Lightning's bar
+        if line_progress is not None:
+            cbs.append(line_progress)
+    if run.logger != "csv":
+        cbs.append(LearningRateMonitor(logging_interval="step"))
+    return Trainer(
+        default_root_dir=str(directory),
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=_devices(t.devices),
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        logger=logger,
+        callbacks=cbs,
+    )
+
+
+class RankSeed(Callback):
+    """Seeds each process with ``seed + global rank`` once its rank is final: the ``setup`` hook runs in every
+    process (also those ``ddp_spawn`` starts) after the strategy has set up the process group, which re-seeds every
+    process with the seed of the launching one."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        seed_everything(self.seed + trainer.global_rank, workers=True, verbose=False)
+
+
+class ResumedLogStep(Callback):
+    """Keeps the logging step of a resumed run on the global step.
+
+    Lightning (2.6) counts the checkpoint's last batch twice when it resumes from a checkpoint written at the end of
+    a training batch (``last.ckpt`` after a validation): every row logged after the resume is one step ahead of the
+    curve before it. With automatic optimisation and one optimizer the logging step ("batches that stepped") equals
+    ``trainer.global_step``, so the first batch after a restore sets it back to that.
+    """
+
+    def __init__(self):
+        self._restored = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._restored = trainer.global_step > 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._restored and pl_module.automatic_optimization and len(trainer.optimizers) == 1:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+        self._restored = False
