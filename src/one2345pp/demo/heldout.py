@@ -10,7 +10,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from ..utils.atomic import write_bytes
+from ..utils.atomic import write_bytes, write_json
 
 FOLDER = "heldout"
 SHARDS = f"{FOLDER}/shards"
@@ -67,5 +67,5 @@ def extract_images(out: Path, limit: int | None = None) -> list[dict]:
                 "elevation_deg": cond["elevation_deg"],
             }
         )
-    write_bytes(folder / INDEX, (json.dumps(records, indent=2) + "\n").encode())
+    write_json(folder / INDEX, records)
     return records

@@ -1,19 +1,20 @@
 """Export folders of the 3D stages: ``config.json`` (stage, format, step, model config) + ``model.safetensors``.
 
-Both files are written under temporary names and renamed into place, so an interrupted export never leaves a
-half-written file under the final name. Loading needs no training code: the config rebuilds the model and the
-safetensors file holds its weights (frozen pretrained encoders excepted: they are re-read from their hub id / folder).
+Both files are written under temporary names and moved into place together, ``config.json`` (the file that marks
+an export folder) last, so an interrupted export never leaves a half-written file under the final name. Loading
+needs no training code: the config rebuilds the model and the safetensors file holds its weights (frozen pretrained
+encoders excepted: they are re-read from their hub id / folder).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from ..utils.atomic import atomic_files
 from .image_features import frozen_prefixes
 
 CONFIG_NAME = "config.json"
@@ -38,15 +39,11 @@ def write_export(
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    tmp_w = folder / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
-    save_file(tensors, str(tmp_w), metadata={"stage": stage, "format": str(EXPORT_FORMAT)})
     meta = {"stage": stage, "format": EXPORT_FORMAT, "step": step, "model": model_cfg}
-    tmp_c = folder / f".{CONFIG_NAME}.tmp{os.getpid()}"
-    tmp_c.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_w, folder / WEIGHTS_NAME)
-    os.replace(tmp_c, folder / CONFIG_NAME)
+    with atomic_files(folder, last=CONFIG_NAME) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"stage": stage, "format": str(EXPORT_FORMAT)})
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))  # no final newline: exports stay byte-identical
     return folder
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +57,7 @@ from one2345pp.models.vae_init import isometric_vae_init
 from one2345pp.training.media import log_image
 from one2345pp.training.optim import OptimConfig, check_optim
 from one2345pp.training.runner import RunConfig, TrainerConfig, fit
+from one2345pp.utils.atomic import atomic_folder
 
 from .base import EMAConfig, Stage, export_dir
 
@@ -470,18 +469,8 @@ class MultiViewStage(Stage):
         (:meth:`export_pretrained`: the EMA weights when on): written beside ``out`` under a temporary name, then
         renamed into place."""
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-        old = out.parent / f".old-{out.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with atomic_folder(out) as tmp:
             self.pipeline().save_pretrained(str(tmp), safe_serialization=True)
-            if out.exists():
-                os.replace(out, old)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
         return out
 
     def log_samples(self, batch: dict) -> Path:
