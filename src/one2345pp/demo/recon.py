@@ -22,17 +22,32 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
+from ..cameras import get_layout
+from ..config import to_object
+from ..data.config import DataConfig
+from ..data.datamodule import VolumeDataModule
+from ..data.procedural import sphere_surface
+from ..data.sample import camera_distance
+from ..evaluation.geometry import fscore_chamfer, sample_surface
+from ..models.coarse import shell_iou
+from ..models.recon import Reconstructor
+from ..models.volume_targets import reduce_occupancy
+from ..pipeline.one2345 import vertex_colored
+from ..pipeline.turntable import TurntableConfig, render_turntable
+from ..stages.coarse import load_stage_config
+from ..stages.texture import load_object_mesh
+from ..texture.export import save_glb
 from ..utils.atomic import write_json, write_png
+from .steps import recon_summary
 
 TAU = 0.05
 METRICS = ("iou", "fscore", "chamfer", "sphere_fscore", "sphere_chamfer")
 
 
 def _loader(coarse_run: Path, shards: Path):
-    from ..config import to_object
-    from ..data.datamodule import VolumeDataModule
-    from ..stages.coarse import load_stage_config
-
     overrides = [f"data.train_shards={shards}", f"data.val_shards={shards}", "data.num_workers=0", "data.batch_size=1"]
     conf = to_object(load_stage_config(coarse_run / "config.yaml", overrides))  # old key names read too
     return VolumeDataModule(conf.data).val_dataloader()
@@ -40,8 +55,6 @@ def _loader(coarse_run: Path, shards: Path):
 
 def mean_shell_radius(coarse_run: Path, train: Path) -> float:
     """Mean over the training objects of the mean distance of their occupied shell cells' centres from the origin."""
-    import torch
-
     radii = []
     for batch in _loader(coarse_run, train):
         occ = batch["occ"][:, 0] > 0
@@ -56,12 +69,6 @@ def mean_shell_radius(coarse_run: Path, train: Path) -> float:
 
 def _turntable_camera(shards: Path) -> tuple[float, float]:
     """(camera distance, FoV) of the shards' data config."""
-    from omegaconf import OmegaConf
-
-    from ..cameras import get_layout
-    from ..data.config import DataConfig
-    from ..data.sample import camera_distance
-
     held = OmegaConf.load(shards / "config.yaml").get("data") or {}
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), held))
     return camera_distance(cfg), get_layout(cfg.layout).fov_deg
@@ -82,18 +89,6 @@ def reconstruct(
     """Reconstruct every held-out object (see the module doc) with ``coarse_steps`` / ``fine_steps`` sampling steps
     (None: the models' own); returns ``{"objects": rows, "mean": {...}, "sphere_radius": r, ...}``, also written to
     ``out/metrics.json``."""
-    import torch
-
-    from ..data.procedural import sphere_surface
-    from ..evaluation.geometry import fscore_chamfer, sample_surface
-    from ..models.volume_targets import reduce_occupancy
-    from ..pipeline.one2345 import vertex_colored
-    from ..pipeline.turntable import TurntableConfig, render_turntable
-    from ..stages.coarse import shell_iou
-    from ..stages.recon import Reconstructor
-    from ..stages.texture import load_object_mesh
-    from ..texture.export import save_glb
-
     out.mkdir(parents=True, exist_ok=True)
     radius = mean_shell_radius(coarse_run, train)
     sphere = sphere_surface(radius, 48)
@@ -179,7 +174,6 @@ def main(argv=None) -> int:
         coarse_steps=args.coarse_steps,
         fine_steps=args.fine_steps,
     )
-    from .steps import recon_summary
 
     print(f"recon: {recon_summary(args.out)}; sphere radius {s['sphere_radius']:.3f}")
     return 0

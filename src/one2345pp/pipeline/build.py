@@ -39,9 +39,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..cameras import framing_distance, get_layout
-from ..config import ConfigError, parse_overrides
+from ..config import ConfigError, load_config, parse_overrides, to_object
+from ..data.config import DataConfig
+from ..models.multiview_builders import MultiViewModelConfig
 from ..registry import PIPELINE_STAGES, component_class, export_marker, has_export, stage_module
 from ..texture.settings import SETTINGS_FILE, TextureSettings, load_settings
+from .one2345 import One2345PPPipeline, PipelineSettings, settings_from_dict
+from .preprocess import PreprocessConfig
 
 STAGE_NAMES = PIPELINE_STAGES
 RUN_DATA_CONFIG = "data_config.yaml"  # a copy of the shards' config.yaml inside a run folder shipped without them
@@ -113,8 +117,6 @@ def _shards_config(train_shards: str) -> Path:
 
 def data_facts(src: RunSource, overrides: dict) -> DataFacts:
     """Read the run's loader settings and its shards' data config (see the module doc)."""
-    from ..data.config import DataConfig
-
     run_cfg = _read_yaml(src.run_dir / "config.yaml")
     loader = run_cfg.get("data") if hasattr(run_cfg, "get") else None
     if loader is None or "train_shards" not in loader:
@@ -164,8 +166,6 @@ def data_facts(src: RunSource, overrides: dict) -> DataFacts:
 
 def multiview_view_size(src: RunSource) -> int:
     """The view size the multi-view run's export generates by default (its ``model.view_size``)."""
-    from ..models.multiview_builders import MultiViewModelConfig
-
     model = _read_yaml(src.run_dir / "config.yaml").get("model") or {}
     return int(model.get("view_size", MultiViewModelConfig().view_size))
 
@@ -199,8 +199,6 @@ def check_agreement(facts: list[DataFacts], multiview_view_size: int) -> None:
 
 def load_texture(source: str | os.PathLike | None, scratch: Path):
     """Texture settings from a YAML stage config, a run directory, a checkpoint or an export (see the module doc)."""
-    from ..config import load_config, to_object
-
     if source is None:
         return TextureSettings()
     p = Path(source)
@@ -239,9 +237,6 @@ def build_pipeline(
     overrides=(),
 ) -> Path:
     """Write the pipeline folder ``out`` from three runs (and texture settings); returns ``out``."""
-    from ..pipeline.one2345 import One2345PPPipeline, PipelineSettings, settings_from_dict
-    from ..pipeline.preprocess import PreprocessConfig
-
     try:
         given = OmegaConf.to_container(parse_overrides(list(overrides)), resolve=True) if overrides else {}
     except OmegaConfBaseException as exc:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from ..cameras import get_layout
 from ..config import ConfigError, parse_overrides
 from ..texture.export import save_glb
+from ..texture.settings import TextureSettings
 from ..utils.atomic import atomic_folder, write_json, write_png
 from ..utils.timing import timed
 from .one2345 import One2345PPPipeline, PipelineSettings, read_index
@@ -204,7 +205,6 @@ def infer_images(
     pipeline_dir = Path(pipeline_dir)
     read_index(pipeline_dir)
     device = check_device(device)
-    from ..texture.settings import TextureSettings
 
     apply_overrides(PipelineSettings(), TextureSettings(), overrides)  # bad keys fail before loading anything
     out_dir = Path(out_dir)

@@ -36,7 +36,10 @@ from .. import __version__
 from ..cameras import Camera, framing_distance, get_layout, multiview_cameras, tile
 from ..geometry.extraction import ExtractionConfig, extract_meshes
 from ..geometry.mesh import Mesh
+from ..models.multiview_pipeline import SAMPLERS, vae_scale_factor
 from ..registry import STAGES, component_class
+from ..texture.export import TexturedMesh
+from ..texture.refine import image_to_view
 from ..texture.settings import TextureSettings, load_settings, save_settings, texture_mesh
 from ..utils.atomic import atomic_folder
 from ..utils.timing import timed
@@ -86,8 +89,6 @@ class PipelineSettings:
 
     def check(self) -> None:
         """Raise ValueError naming the first bad value."""
-        from ..models.multiview_pipeline import SAMPLERS
-
         get_layout(self.layout)
         problems = []
         if self.distance is not None and self.distance <= 0:
@@ -131,8 +132,6 @@ class PipelineOutput:
 
 def vertex_colored(mesh: Mesh):
     """A :class:`TexturedMesh` with per-vertex colours (the mean of each vertex's corner colours)."""
-    from ..texture.export import TexturedMesh
-
     if mesh.corner_colors is None:
         colors = np.full((mesh.num_vertices, 3), 0.8)
     else:
@@ -180,7 +179,6 @@ def check_stages(multiview, coarse, fine, settings: PipelineSettings) -> None:
             f"the coarse stage samples {coarse.resolution}^3 but the fine stage expects {fine.coarse_resolution}^3 "
             f"(fine model.unet.resolution / model.coarse_factor)"
         )
-    from ..models.multiview_pipeline import vae_scale_factor
 
     size = settings.view_size or int(multiview.config.view_size)
     factor = vae_scale_factor(multiview.vae)
@@ -276,8 +274,6 @@ class One2345PPPipeline:
     def _views_for_texture(self, views: torch.Tensor, cameras: list[Camera]):
         """Generated views -> refinement targets; the mask is where a view differs from the gray background (the
         input view is not used: its elevation is unknown)."""
-        from ..texture.refine import image_to_view
-
         out = []
         for img, cam in zip(views, cameras, strict=True):
             rgb = img.permute(1, 2, 0).float().cpu().numpy()

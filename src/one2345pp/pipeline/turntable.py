@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cameras import Camera
+from ..rendering import RaycastRenderer, RenderConfig
 
 
 @dataclass
@@ -39,9 +40,6 @@ def turntable_cameras(cfg: TurntableConfig, distance: float, fov_deg: float) -> 
 def render_turntable(mesh, cfg: TurntableConfig, distance: float, fov_deg: float) -> np.ndarray:
     """uint8 RGB ``[size, views * size, 3]`` of ``mesh`` (a :class:`~one2345pp.geometry.mesh.Mesh` or a
     :class:`~one2345pp.texture.export.TexturedMesh`)."""
-    from ..data.config import RenderConfig
-    from ..rendering.raycast import RaycastRenderer
-
     check_config(cfg)
     if hasattr(mesh, "to_mesh"):
         mesh = mesh.to_mesh()

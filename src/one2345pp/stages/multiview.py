@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from one2345pp.config import ConfigError, load_config, to_object
 from one2345pp.data.config import LoaderConfig
+from one2345pp.data.datamodule import MultiViewDataModule
 from one2345pp.models.multiview_builders import MultiViewComponents, MultiViewModelConfig, build_components
 from one2345pp.models.multiview_pipeline import (
     GRAY,
@@ -502,8 +503,6 @@ def load_stage_config(config_path=None, overrides=()) -> DictConfig:
 
 def run_training(cfg, callbacks=()):
     """Build module and data from a resolved config and fit; returns ``(trainer, run directory)``."""
-    from one2345pp.data.datamodule import MultiViewDataModule
-
     conf: MultiViewConfig = to_object(cfg)
     if conf.train.cpu_threads is not None:
         torch.set_num_threads(conf.train.cpu_threads)

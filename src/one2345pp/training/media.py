@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..geometry.gltf import gltf_bytes
+from ..geometry.mesh_io import load_mesh
 from ..utils.atomic import atomic_file, write_bytes, write_png
 
 
@@ -71,9 +73,6 @@ def _as_glb(path: Path) -> Path:
     """A GLB copy of a mesh file (vertex colours kept) beside it, for viewers that do not read its format: read
     with the project's loader (+Z up) and written in glTF's convention (+Y up, linear vertex colours), so that the
     viewer shows it upright in its colours."""
-    from ..geometry.gltf import gltf_bytes
-    from ..geometry.mesh_io import load_mesh
-
     out = path.with_suffix(".glb")
     return write_bytes(out, gltf_bytes(load_mesh(path)))
 
