@@ -592,7 +592,7 @@ def volume_batch(batch_size: int, view_size: int, coarse_res: int, device) -> di
 
     from one2345pp.cameras import framing_distance, get_layout, multiview_cameras
     from one2345pp.models.condition_volume import camera_tensors
-    from one2345pp.stages.fine import cell_centres, support_from_occupancy
+    from one2345pp.models.fine import cell_centres, support_from_occupancy
 
     fine_res = 2 * coarse_res
     occ = sphere_shell(coarse_res, "cpu")
@@ -727,7 +727,8 @@ def group_sparse(ctx: Ctx) -> None:
 # -------------------------------------------------------------------------------------------------- group: texture
 def texture_settings(dry: bool):
     from one2345pp.config import load_config, to_object
-    from one2345pp.stages.texture import TextureSettings, TextureStageConfig
+    from one2345pp.stages.texture import TextureStageConfig
+    from one2345pp.texture.settings import TextureSettings
 
     cfg = to_object(load_config(TextureStageConfig, ROOT / "experiments/texture.yaml", []))
     settings = TextureSettings.from_stage_config(cfg)
@@ -808,7 +809,7 @@ def stand_in_samplers(pipe, radius: float = 0.35) -> None:
     import torch
     from bench_recon import sphere_shell
 
-    from one2345pp.stages.fine import cell_centres
+    from one2345pp.models.fine import cell_centres
 
     coarse, fine = pipe.coarse, pipe.fine
     coarse_sample, fine_sample = coarse.sample, fine.sample
@@ -831,6 +832,8 @@ def group_pipeline(ctx: Ctx) -> None:
     from bench_pipeline import multiview_pipeline
 
     from one2345pp.config import load_config, to_object
+    from one2345pp.models.coarse import CoarseModel
+    from one2345pp.models.fine import FineModel
     from one2345pp.pipeline.one2345 import One2345PPPipeline, PipelineSettings
     from one2345pp.stages import coarse as coarse_stage
     from one2345pp.stages import fine as fine_stage
@@ -844,8 +847,8 @@ def group_pipeline(ctx: Ctx) -> None:
         fcfg = to_object(load_config(fine_stage.FineConfig, folder / "fine.yaml", overrides))
         dtype = torch.bfloat16 if ctx.bf16 else torch.float32
         mv = multiview_pipeline("tiny" if ctx.dry else "full", ctx.device, dtype)
-        coarse = coarse_stage.CoarseModel(ccfg.model)
-        fine = fine_stage.FineModel(fcfg.model)
+        coarse = CoarseModel(ccfg.model)
+        fine = FineModel(fcfg.model)
         refine, why = (
             ctx.cuda,
             "" if ctx.cuda else "no CUDA: the CPU rasteriser needs open3d, absent on the GPU machine",

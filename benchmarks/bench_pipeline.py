@@ -100,7 +100,8 @@ def full_preset(device: torch.device, scale: float) -> dict:
     from bench_texture import scene
 
     from one2345pp.config import load_config, to_object
-    from one2345pp.stages.texture import TextureSettings, TextureStageConfig, texture_mesh
+    from one2345pp.stages.texture import TextureStageConfig
+    from one2345pp.texture.settings import TextureSettings, texture_mesh
 
     steps = {k: max(1, round(v * scale)) for k, v in {"multiview": 28, "coarse": 50, "fine": 20}.items()}
     out: dict = {"device": str(device), "steps": steps}

@@ -44,11 +44,12 @@ from one2345pp.data.shards import build_shards
 from one2345pp.evaluation.geometry import fscore_chamfer, sample_surface
 from one2345pp.geometry.mesh import Mesh
 from one2345pp.geometry.mesh_io import load_mesh
+from one2345pp.models.coarse import CoarseModel, shell_iou
+from one2345pp.models.fine import FineModel
+from one2345pp.models.recon import Reconstructor
 from one2345pp.models.volume_targets import reduce_occupancy
 from one2345pp.stages import coarse as coarse_stage
 from one2345pp.stages import fine as fine_stage
-from one2345pp.stages.coarse import shell_iou
-from one2345pp.stages.recon import Reconstructor
 from one2345pp.training.runner import fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,16 +254,16 @@ def gpu_timing(
     ccfg = to_object(load_config(coarse_stage.CoarseConfig, folder / "coarse.yaml", list(overrides)))
     fcfg = to_object(load_config(fine_stage.FineConfig, folder / "fine.yaml", list(overrides)))
     try:
-        coarse = coarse_stage.CoarseModel(ccfg.model).to(dev).eval()
-        fine = fine_stage.FineModel(fcfg.model).to(dev).eval()
+        coarse = CoarseModel(ccfg.model).to(dev).eval()
+        fine = FineModel(fcfg.model).to(dev).eval()
         kinds = {ccfg.model.condition.image_features.kind, ccfg.model.global_embedding.kind}
         encoders = "DINOv2 + CLIP" if kinds == {"dinov2", "clip"} else " + ".join(sorted(kinds))
     except OSError as exn:  # hub weights unreachable: same networks with the small CNN encoders
         for c in (ccfg, fcfg):
             c.model.condition.image_features.kind = "cnn"
             c.model.global_embedding.kind = "cnn"
-        coarse = coarse_stage.CoarseModel(ccfg.model).to(dev).eval()
-        fine = fine_stage.FineModel(fcfg.model).to(dev).eval()
+        coarse = CoarseModel(ccfg.model).to(dev).eval()
+        fine = FineModel(fcfg.model).to(dev).eval()
         encoders = f"small CNN encoders (pretrained ones unavailable: {str(exn)[:80]})"
     from one2345pp.cameras import framing_distance, get_layout, multiview_cameras
 

@@ -30,9 +30,9 @@ from one2345pp.data.procedural import generate_object
 from one2345pp.geometry.mesh_io import normalize
 from one2345pp.rendering.rasterizer import make_rasterizer, pixel_agreement
 from one2345pp.rendering.raycast import RaycastRenderer
-from one2345pp.stages.texture import TextureSettings
 from one2345pp.texture.bake import bake
 from one2345pp.texture.refine import image_to_view, refine_texture, view_psnr
+from one2345pp.texture.settings import TextureSettings
 
 FOV = 30.0
 CPU_TARGET_S = 30.0

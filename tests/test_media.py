@@ -7,8 +7,9 @@ from lightning.pytorch import LightningModule, Trainer
 
 from one2345pp.geometry.mesh import Mesh
 from one2345pp.geometry.mesh_io import save_mesh
+from one2345pp.training.config import RunConfig
+from one2345pp.training.loggers import make_logger
 from one2345pp.training.media import as_uint8_image, log_image, log_mesh
-from one2345pp.training.runner import RunConfig, make_logger
 
 
 class _Tiny(LightningModule):
@@ -123,7 +124,8 @@ def test_wandb_offline_run_holds_config_losses_images_and_meshes(tmp_path, monke
     import wandb
     from omegaconf import OmegaConf
 
-    from one2345pp.training.runner import WANDB_ID_FILE, fit
+    from one2345pp.training.loggers import WANDB_ID_FILE
+    from one2345pp.training.runner import fit
     from test_runner import FullBatch, Toy, cfg
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -218,7 +220,7 @@ def test_a_ply_mesh_reaches_wandb_as_glb(tmp_path, monkeypatch):
 
 
 def test_wandb_is_offline_unless_a_key_or_wandb_mode_says_otherwise(tmp_path):
-    from one2345pp.training.runner import wandb_offline
+    from one2345pp.training.loggers import wandb_offline
 
     netrc = tmp_path / "netrc"
     netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789\n")

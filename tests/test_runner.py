@@ -6,7 +6,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from one2345pp.training.runner import RunConfig, TrainerConfig, fit
+from one2345pp.training.config import RunConfig, TrainerConfig
+from one2345pp.training.runner import fit
 
 
 class Toy(LightningModule):

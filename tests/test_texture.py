@@ -23,6 +23,7 @@ from one2345pp.stages import texture as stage
 from one2345pp.texture.bake import BakeConfig, bake, bake_vertex_colors, dilate
 from one2345pp.texture.export import TexturedMesh, export_mesh, save_glb, save_obj, save_ply
 from one2345pp.texture.refine import RefineConfig, image_to_view, psnr, render_field, view_psnr
+from one2345pp.texture.settings import TextureSettings, load_settings, texture_mesh
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 64
@@ -74,12 +75,12 @@ def scene():
 def refined(scene):
     """Refinement + bake through the pipeline entry point :func:`one2345pp.stages.texture.texture_mesh`."""
     mesh, views, _ = scene
-    settings = stage.TextureSettings(
+    settings = TextureSettings(
         field=SMALL_FIELD,
         refine=RefineConfig(iterations=300, batch_pixels=0, lr=0.05, decoder_lr=0.005, progress=False, threads=1),
         bake=BakeConfig(texture_size=256, padding=2, dilation=8),
     )
-    baked, result = stage.texture_mesh(mesh, views, settings)
+    baked, result = texture_mesh(mesh, views, settings)
     rasterizer = make_rasterizer("cpu")
     return baked, result, rasterizer, rasterizer.prepare(mesh)
 
@@ -114,7 +115,7 @@ def test_refinement_raises_held_out_psnr(scene, refined):
 def test_refine_rejects_bad_settings(scene):
     mesh, views, _ = scene
     with pytest.raises(ValueError, match="refine.precision"):
-        stage.texture_mesh(mesh, views, stage.TextureSettings(refine=RefineConfig(precision="fp8")))
+        texture_mesh(mesh, views, TextureSettings(refine=RefineConfig(precision="fp8")))
     with pytest.raises(ValueError, match="at least one view"):
         from one2345pp.texture.refine import refine_texture
 
@@ -492,17 +493,17 @@ def test_stage_trains_reports_psnr_and_exports(shards, tmp_path, capsys):
     logged = list((run / "media").glob("train_mesh_*/step*.glb"))  # the GLB went to the logger's media too
     assert len(logged) == 1 and logged[0].read_bytes() == next((run / "meshes").glob("*.glb")).read_bytes()
 
-    settings = stage.load_settings(run / "export")
+    settings = load_settings(run / "export")
     assert settings.field.resolution == 32 and settings.refine.iterations == 40 and settings.bake.texture_size == 64
     doc = json.loads((run / "export" / "config.json").read_text())
     assert doc["stage"] == "texture" and doc["metrics"]["train"]["objects"] == 1
 
     again = stage.export(run, tmp_path / "again")
-    assert stage.load_settings(again) == settings
+    assert load_settings(again) == settings
     ckpt = run / "ckpts" / "last.ckpt"
     assert ckpt.is_file()
     from_ckpt = stage.export(ckpt, tmp_path / "from_ckpt")
-    assert stage.load_settings(from_ckpt) == settings
+    assert load_settings(from_ckpt) == settings
 
 
 def test_stage_config_and_export_errors(tmp_path):
@@ -514,7 +515,7 @@ def test_stage_config_and_export_errors(tmp_path):
         stage.export(tmp_path, None)
     (tmp_path / "config.json").write_text(json.dumps({"stage": "coarse"}))
     with pytest.raises(ValueError, match="not a texture-stage export"):
-        stage.load_settings(tmp_path)
+        load_settings(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"stage": "texture", "format_version": 1, "refine": {"iters": 3}}))
     with pytest.raises(ConfigError, match="iters"):
-        stage.load_settings(tmp_path)
+        load_settings(tmp_path)

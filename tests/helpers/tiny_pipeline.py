@@ -69,7 +69,7 @@ def sphere_targets(coarse_resolution: int, radius: float = SPHERE_RADIUS):
     import torch
 
     from one2345pp.models.condition_volume import grid_centres
-    from one2345pp.stages.fine import cell_centres, support_from_occupancy
+    from one2345pp.models.fine import cell_centres, support_from_occupancy
 
     c = coarse_resolution
     p = grid_centres(c).reshape(c, c, c, 3)
@@ -110,7 +110,7 @@ def tiny_coarse_model(steps: int = 30, seed: int = 0):
     """A tiny coarse model fitted to the sphere's shell (see the module doc)."""
     import torch
 
-    from one2345pp.stages.coarse import CoarseModel
+    from one2345pp.models.coarse import CoarseModel
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -128,7 +128,7 @@ def tiny_fine_model(steps: int = 15, seed: int = 0):
     """A tiny fine model fitted to the sphere's SDF on its shell (see the module doc)."""
     import torch
 
-    from one2345pp.stages.fine import FineModel
+    from one2345pp.models.fine import FineModel
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -153,9 +153,9 @@ def tiny_multiview(seed: int = 0, view_size: int = TINY_VIEW):
 
 def tiny_texture_settings():
     from one2345pp.models.color_field import ColorFieldConfig
-    from one2345pp.stages.texture import TextureSettings
     from one2345pp.texture.bake import BakeConfig
     from one2345pp.texture.refine import RefineConfig
+    from one2345pp.texture.settings import TextureSettings
 
     return TextureSettings(
         field=ColorFieldConfig(resolution=16, components=2, feature_dim=8, hidden=16, layers=1),

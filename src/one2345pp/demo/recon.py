@@ -3,7 +3,7 @@
 
 The full pipeline's meshes can only be as good as its generated views; this step shows what the coarse and fine
 stages learned by feeding them the held-out objects' ground-truth six views instead (loaded through the stages' own
-data module with the coarse run's loader settings), as :mod:`one2345pp.stages.recon` chains them: coarse shell,
+data module with the coarse run's loader settings), as :mod:`one2345pp.models.recon` chains them: coarse shell,
 fine SDF + colour, mesh. Per object, in the normalised frame of the shards (no alignment needed): shell IoU against
 the ground-truth shell, F-Score at 0.05 and Chamfer distance (``--points`` surface samples) against the ground-truth
 mesh, and the same for a baseline that ignores the input: a sphere at the origin whose radius is the training

@@ -28,25 +28,22 @@ from ..data.datamodule import VolumeDataModule
 from ..models.coarse import CoarseModel, CoarseModelConfig, coarse_model_config, shell_iou
 from ..models.condition_volume import perturb_cameras
 from ..models.volume_targets import reduce_occupancy
+from ..training.config import RunConfig, TrainerConfig
 from ..training.media import log_image
 from ..training.optim import OptimConfig
-from ..training.runner import RunConfig, TrainerConfig, fit
+from ..training.runner import fit
 from .base import EMAConfig, Stage, export_dir, export_from_checkpoint, read_stage_config
 
 __all__ = [
     "CoarseConfig",
-    "CoarseModel",
-    "CoarseModelConfig",
     "CoarseStage",
     "CoarseTrainConfig",
     "CoarseValConfig",
-    "OptimConfig",
     "PerturbConfig",
     "build_model",
     "export",
     "load_stage_config",
     "run_training",
-    "shell_iou",
     "train",
 ]
 

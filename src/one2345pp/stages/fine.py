@@ -25,32 +25,25 @@ from ..models.condition_volume import perturb_cameras
 from ..models.fine import (
     FineModel,
     FineModelConfig,
-    cell_centres,
     fine_model_config,
-    projected_rgb,
-    support_from_occupancy,
 )
 from ..models.volume_targets import fine_targets, reduce_factor, reduce_fine, reduce_occupancy, training_support
+from ..training.config import RunConfig, TrainerConfig
 from ..training.optim import OptimConfig
-from ..training.runner import RunConfig, TrainerConfig, fit
+from ..training.runner import fit
 from .base import EMAConfig, Stage, export_dir, export_from_checkpoint, read_stage_config
 from .coarse import RENAMED_KEYS, CoarseValConfig, PerturbConfig
 
 __all__ = [
     "FineConfig",
-    "FineModel",
-    "FineModelConfig",
     "FineStage",
     "FineTrainConfig",
     "FineValConfig",
     "build_model",
-    "cell_centres",
     "crop_occupancy",
     "export",
     "load_stage_config",
-    "projected_rgb",
     "run_training",
-    "support_from_occupancy",
     "train",
 ]
 

@@ -55,9 +55,10 @@ from one2345pp.models.multiview_pipeline import (
 from one2345pp.models.reference_attention import noisy_reference, reference_forward
 from one2345pp.models.vae_fit import VAEFitConfig, fit_vae
 from one2345pp.models.vae_init import isometric_vae_init
+from one2345pp.training.config import RunConfig, TrainerConfig
 from one2345pp.training.media import log_image
 from one2345pp.training.optim import OptimConfig, check_optim
-from one2345pp.training.runner import RunConfig, TrainerConfig, fit
+from one2345pp.training.runner import fit
 from one2345pp.utils.atomic import atomic_folder
 
 from .base import EMAConfig, Stage, export_dir

@@ -71,31 +71,21 @@ from ..rendering.rasterizer import RasterizerConfig, make_rasterizer
 from ..texture.bake import BakeConfig, bake
 from ..texture.export import EXPORT_SUFFIXES, export_mesh
 from ..texture.refine import RefineConfig, View, psnr_from_mse, refine_texture, view_psnr
-from ..texture.settings import (
-    EXPORT_FORMAT_VERSION,
-    TextureSettings,
-    load_settings,
-    save_settings,
-    texture_mesh,
-)
+from ..texture.settings import TextureSettings, save_settings
+from ..training.config import RunConfig, TrainerConfig
 from ..training.media import log_mesh
-from ..training.runner import RunConfig, TrainerConfig, fit
+from ..training.runner import fit
 from ..utils.atomic import write_json
 
 __all__ = [
-    "EXPORT_FORMAT_VERSION",
     "TextureDataModule",
     "TextureDecoder",
     "TextureLoaderConfig",
-    "TextureSettings",
     "TextureStage",
     "TextureStageConfig",
     "export",
     "load_stage_config",
     "load_object_mesh",
-    "load_settings",
-    "save_settings",
-    "texture_mesh",
     "train",
 ]
 

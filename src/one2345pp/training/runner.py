@@ -35,28 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import save_config
 from ..utils.atomic import write_text
 from .config import RunConfig, TrainerConfig
-from .loggers import WANDB_ID_FILE, make_logger, wandb_loggers, wandb_offline
-from .naming import handed_down, launcher_run_name, launcher_world_size, run_dir, run_name
+from .loggers import WANDB_ID_FILE, wandb_loggers
+from .naming import handed_down, run_dir
 from .trainer import RankSeed, ResumedLogStep, build_trainer, resume_path
 
-# the names stages, benchmarks and tests import from here
-__all__ = [
-    "WANDB_ID_FILE",
-    "RankSeed",
-    "ResumedLogStep",
-    "RunConfig",
-    "TrainerConfig",
-    "build_trainer",
-    "fit",
-    "launcher_run_name",
-    "launcher_world_size",
-    "make_logger",
-    "resume_path",
-    "run_dir",
-    "run_name",
-    "wandb_offline",
-    "write_run_config",
-]
+__all__ = ["fit", "write_run_config"]
 
 
 def write_run_config(trainer, cfg, directory: Path) -> Path | None:
