@@ -18,6 +18,7 @@ from one2345pp.data.config import DataConfig, ProceduralConfig, RenderConfig, Sh
 from one2345pp.data.datamodule import VolumeDataModule
 from one2345pp.data.shards import build_shards
 from one2345pp.models import diffusion3d as d3
+from one2345pp.models.coarse import CoarseModel, CoarseModelConfig, shell_iou
 from one2345pp.models.condition_volume import (
     ConditionConfig,
     ConditionVolume,
@@ -31,7 +32,7 @@ from one2345pp.models.condition_volume import (
 )
 from one2345pp.models.image_features import GlobalEmbeddingConfig, ImageFeatureConfig
 from one2345pp.models.unet3d import UNet3D, UNet3DConfig
-from one2345pp.stages.coarse import CoarseConfig, CoarseModel, CoarseModelConfig, CoarseStage, shell_iou
+from one2345pp.stages.coarse import CoarseConfig, CoarseStage
 
 LAYOUT = "zero123pp-v1.2"
 W = 48  # view resolution of the synthetic camera tests
@@ -330,6 +331,7 @@ def tiny_overrides(root, shards, **extra) -> list[str]:
     )
 
 
+@pytest.mark.slow
 def test_fit_resume_export_and_from_pretrained(shards, tmp_path):
     torch.manual_seed(0)
     tester = StageTester("coarse", tiny_overrides(tmp_path, shards))
@@ -361,6 +363,7 @@ def test_fit_resume_export_and_from_pretrained(shards, tmp_path):
     assert iou.shape == (2,) and ((iou >= 0) & (iou <= 1)).all()
 
 
+@pytest.mark.slow
 def test_train_builds_the_module_from_run_seed(shards, tmp_path):
     """`one2345pp train` builds the module after seeding with run.seed: the same weights whatever the caller's RNG."""
     from safetensors.torch import load_file

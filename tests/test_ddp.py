@@ -15,14 +15,10 @@ import torch
 from omegaconf import OmegaConf
 
 from one2345pp.config import ConfigError
-from one2345pp.training.runner import (
-    RunConfig,
-    TrainerConfig,
-    build_trainer,
-    launcher_world_size,
-    run_dir,
-    write_run_config,
-)
+from one2345pp.training.config import RunConfig, TrainerConfig
+from one2345pp.training.naming import launcher_world_size, run_dir
+from one2345pp.training.runner import write_run_config
+from one2345pp.training.trainer import build_trainer
 
 
 # what `srun --ntasks-per-node=2` on one node gives task `rank` (trimmed to what Lightning and the runner read)
@@ -202,6 +198,7 @@ def tiny_ddp_overrides(root: Path, shards: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "lightning"])
+@pytest.mark.slow
 def test_two_process_ddp_run_shares_one_run_directory(shards, tmp_path, launcher):
     """torchrun starts both workers (the run is named after its rendezvous id); Lightning's DDP launcher re-runs
     the script for local rank 1 (the name is handed down). Gloo on CPU; run.name unset in both."""
@@ -248,7 +245,8 @@ import torch
 from lightning.pytorch import LightningModule
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
-from one2345pp.training.runner import RunConfig, TrainerConfig, fit
+from one2345pp.training.config import RunConfig, TrainerConfig
+from one2345pp.training.runner import fit
 
 
 class Toy(LightningModule):
@@ -289,6 +287,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_forked_or_spawned_workers_get_per_rank_seeds(tmp_path):
     """ddp_spawn starts fresh processes that Lightning re-seeds with the launching process's seed; the runner's
     ``setup`` hook gives each its own again (without it both ranks draw the same noise)."""

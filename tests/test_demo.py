@@ -117,6 +117,7 @@ def demo(tmp_path_factory):
     return config, out, text
 
 
+@pytest.mark.slow
 def test_demo_writes_the_pipeline_meshes_metrics_and_an_index_of_existing_files(demo):
     import trimesh
 
@@ -178,6 +179,7 @@ def test_demo_writes_the_pipeline_meshes_metrics_and_an_index_of_existing_files(
     assert str((out / "index.html").resolve()) in text
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_steps(demo):
     import io
 
@@ -198,6 +200,7 @@ def test_rerun_skips_finished_steps(demo):
     assert after["steps"] == before and len(after["runs"]) == 2
 
 
+@pytest.mark.slow
 def test_other_settings_in_the_same_folder_are_refused(demo):
     config, out, _ = demo
     with pytest.raises(ConfigError, match=r"eval\.num_objects differ.*--force"):
@@ -283,6 +286,7 @@ def test_report_says_whether_the_multiview_model_follows_its_condition(tmp_path)
         assert f"val/cond_gain {gain:.3f}" in note and says in note
 
 
+@pytest.mark.slow
 def test_a_shipped_multiview_run_stands_in_for_its_training(demo, tmp_path):
     """train.multiview.pretrained: the shipped run folder is copied where the demo's own run would be (no training),
     and the pipeline export reads the run's data_config.yaml when its shards are not there (a fresh clone)."""

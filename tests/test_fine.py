@@ -17,6 +17,7 @@ from one2345pp.data.config import DataConfig, ProceduralConfig, RenderConfig, Sh
 from one2345pp.data.datamodule import VolumeDataModule
 from one2345pp.data.shards import build_shards
 from one2345pp.models.condition_volume import camera_tensors
+from one2345pp.models.fine import FineModel, projected_rgb, support_from_occupancy
 from one2345pp.models.sparse_unet import SparseConditionPyramid, SparseUNet, SparseUNetConfig
 from one2345pp.models.volume_targets import (
     children_coords,
@@ -26,7 +27,7 @@ from one2345pp.models.volume_targets import (
     training_support,
 )
 from one2345pp.sparse import SparseTensor
-from one2345pp.stages.fine import FineConfig, FineModel, crop_occupancy, export, projected_rgb, support_from_occupancy
+from one2345pp.stages.fine import FineConfig, crop_occupancy, export
 
 
 def centres(r: int) -> torch.Tensor:
@@ -229,6 +230,7 @@ def tiny_overrides(root, shards, **extra) -> list[str]:
     )
 
 
+@pytest.mark.slow
 def test_fit_resume_export_sample_and_from_pretrained(shards, tmp_path):
     torch.manual_seed(0)
     tester = StageTester("fine", tiny_overrides(tmp_path, shards))

@@ -42,6 +42,7 @@ def job(tiny_pipeline_dir, tmp_path_factory):
     return {"rc": rc, "root": root, "images": images, "out": out, "pipeline": tiny_pipeline_dir}
 
 
+@pytest.mark.slow
 def test_infer_writes_the_four_outputs_per_image(job):
     import trimesh
 
@@ -74,6 +75,7 @@ def test_infer_writes_the_four_outputs_per_image(job):
         assert r["mesh"]["textured"] and r["mesh"]["faces"] == len(geom[0].faces)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_images_and_overwrite_redoes_them(job, capsys):
     out, cup = job["out"], job["out"] / "cup" / "result.json"
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -87,6 +89,7 @@ def test_rerun_skips_finished_images_and_overwrite_redoes_them(job, capsys):
     assert (out / "ball" / "result.json").stat().st_mtime_ns == stamp[out / "ball" / "result.json"]
 
 
+@pytest.mark.slow
 def test_a_failing_image_is_recorded_and_the_others_go_on(job, capsys):
     root, out = job["root"], job["out"]
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
@@ -104,6 +107,7 @@ def test_a_failing_image_is_recorded_and_the_others_go_on(job, capsys):
     assert json.loads((out / "cup" / "result.json").read_text())["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_infer_refuses_bad_jobs_before_running(job, tmp_path, capsys):
     img, pipe = str(job["images"][0]), str(job["pipeline"])
     assert main(["infer", img, "--pipeline", pipe, "--out", str(tmp_path / "a"), "num_inference_step=3"]) == 2

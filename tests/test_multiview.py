@@ -13,6 +13,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from helpers.stage_tester import StageTester, tiny_run_overrides
+from helpers.threads import one_thread  # noqa: F401 (an autouse fixture: one intra-op thread)
 from one2345pp.config import ConfigError, load_config, to_object
 from one2345pp.data.config import DataConfig, RenderConfig, VolumeConfig
 from one2345pp.models.multiview_builders import (
@@ -47,15 +48,6 @@ SMALL = [  # 32 px views and conditions keep the tests fast
     "val.num_images=1",
     "val.num_inference_steps=2",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def config(*overrides: str) -> MultiViewConfig:
@@ -237,6 +229,7 @@ def test_v_target_is_the_schedulers_velocity_and_min_snr_weights():
     assert sampler.config.timestep_spacing == "trailing"
 
 
+@pytest.mark.slow
 def test_a_few_dozen_steps_on_one_batch_lower_the_loss():
     m = module(
         "train.trainable=full", "train.cond_dropout=0.0", "optim.lr=2e-3", "optim.warmup_steps=0", "ema.enabled=false"
@@ -385,6 +378,7 @@ def test_full_preset_has_the_sd2_unet_size_and_configs_are_checked():
 
 
 # ------------------------------------------------------------------------------------------------------ resume
+@pytest.mark.slow
 def test_resume_restores_step_optimizer_and_ema_and_export_matches(tmp_path, capsys):
     from one2345pp.data.shards import build_shards
 
@@ -494,6 +488,7 @@ def _reconstruction_psnr(m: MultiViewModule, target: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / (rec - target).square().mean()))
 
 
+@pytest.mark.slow
 def test_vae_fit_learns_to_reconstruct_and_travels_with_checkpoints(capsys):
     m = module("train.vae_fit.steps=60", "train.vae_fit.log_every=20")
     batches = [batch_of(2, seed) for seed in (0, 1, 2)]

@@ -82,12 +82,14 @@ def test_output_fields_and_the_fixture_object(tiny_pipeline_dir, reference):
     }
 
 
+@pytest.mark.slow
 def test_same_seed_same_output_other_seed_other_views(pipe, image, reference):
     _same(pipe(image, seed=3), reference)
     other = pipe(image, seed=4)
     assert not np.array_equal(np.asarray(other.grid), np.asarray(reference.grid))
 
 
+@pytest.mark.slow
 def test_save_pretrained_round_trip(pipe, image, reference, tmp_path):
     out = pipe.save_pretrained(tmp_path / "copy")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no temporary folder left
@@ -98,6 +100,7 @@ def test_save_pretrained_round_trip(pipe, image, reference, tmp_path):
     assert (out / "model_index.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
 
 
+@pytest.mark.slow
 def test_swapping_components_by_keyword(tiny_pipeline_dir, image, reference):
     other = One2345PPPipeline.from_pretrained(tiny_pipeline_dir, multiview=tiny_multiview(seed=1))
     out = other(image, seed=3)
@@ -116,7 +119,7 @@ def test_swapping_components_by_keyword(tiny_pipeline_dir, image, reference):
 
 
 def test_mismatched_stages_are_refused(tiny_pipeline_dir):
-    from one2345pp.stages.fine import FineModel
+    from one2345pp.models.fine import FineModel
 
     fine32 = FineModel(tiny_fine_config(resolution=32))  # refines a 16^3 coarse grid; the stored coarse is 8^3
     with pytest.raises(ValueError, match=r"coarse stage samples 8\^3 but the fine stage expects 16\^3"):
@@ -128,7 +131,7 @@ def test_mismatched_stages_are_refused(tiny_pipeline_dir):
 
 
 def test_empty_coarse_volume_is_a_clear_error(tiny_pipeline_dir, image):
-    from one2345pp.stages.coarse import CoarseModel
+    from one2345pp.models.coarse import CoarseModel
 
     class NothingThere(CoarseModel):
         def sample(self, views, cameras, cond_image, steps=None, generator=None, guidance_scale=None):
@@ -195,8 +198,10 @@ def _checkpoint(stage_cls, config_cls, model, run, shards, ckpt_name="last.ckpt"
 def runs(tiny_pipeline_dir, tmp_path_factory):
     """Multi-view run with export/, coarse run with only ckpts/last.ckpt, fine run with a checkpoint file, texture
     YAML config: each stage's files from the fixture pipeline's weights."""
-    from one2345pp.stages.coarse import CoarseConfig, CoarseModel, CoarseStage
-    from one2345pp.stages.fine import FineConfig, FineModel, FineStage
+    from one2345pp.models.coarse import CoarseModel
+    from one2345pp.models.fine import FineModel
+    from one2345pp.stages.coarse import CoarseConfig, CoarseStage
+    from one2345pp.stages.fine import FineConfig, FineStage
     from one2345pp.stages.multiview import MultiViewConfig
     from one2345pp.stages.texture import TextureStageConfig
 
@@ -234,6 +239,7 @@ def _export(runs, out, *extra, **swap):
     return main([*args, "--texture", str(runs["root"] / "texture.yaml"), "--out", str(out), *extra])
 
 
+@pytest.mark.slow
 def test_export_from_runs_reproduces_the_pipeline(runs, tiny_pipeline_dir, image, reference, tmp_path):
     before = sorted(p.relative_to(runs["root"]) for p in runs["root"].rglob("*"))
     assert _export(runs, tmp_path / "built", "num_inference_steps=4") == 0
@@ -265,7 +271,8 @@ def test_export_refuses_stages_trained_on_different_data(runs, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
     # a fine stage refining another coarse grid
-    from one2345pp.stages.fine import FineConfig, FineModel, FineStage
+    from one2345pp.models.fine import FineModel
+    from one2345pp.stages.fine import FineConfig, FineStage
 
     fine = _checkpoint(
         FineStage, FineConfig, FineModel(tiny_fine_config(resolution=32)), tmp_path / "f", runs["shards"]
@@ -297,6 +304,7 @@ def test_export_needs_the_data_facts_and_says_how_to_give_them(runs, tmp_path, c
     assert "no such run directory or checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_to_moves_the_multiview_stage_to_a_dtype(tiny_pipeline_dir, image, reference):
     p = One2345PPPipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.float64)
     assert p.dtype == torch.float64 and p.multiview.unet.dtype == torch.float64
@@ -309,7 +317,7 @@ def test_to_moves_the_multiview_stage_to_a_dtype(tiny_pipeline_dir, image, refer
 
 def test_texture_settings_from_config_run_checkpoint_or_export(runs, tmp_path):
     from one2345pp.pipeline.build import load_texture
-    from one2345pp.stages.texture import TextureSettings, save_settings
+    from one2345pp.texture.settings import TextureSettings, save_settings
 
     want = tiny_texture_settings()
     assert load_texture(None, tmp_path) == TextureSettings()

@@ -145,6 +145,7 @@ def test_sweep_parameters_are_keys_of_the_stage_config_and_the_metric_is_logged(
     assert fixed.run.logger == "wandb" and fixed.run.name is None
 
 
+@pytest.mark.slow
 def test_a_tiny_sweep_trial_runs_offline_end_to_end(tmp_path):
     """`one2345pp sweep experiments/sweeps/tiny/texture.yaml --trials 1` as a subprocess, pointed at small shards:
     the trial trains with the sampled values and leaves an offline W&B run that holds the sweep's metric."""

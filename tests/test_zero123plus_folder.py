@@ -29,6 +29,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from helpers.threads import one_thread  # noqa: F401 (an autouse fixture: one intra-op thread)
 from one2345pp.config import load_config, to_object
 from one2345pp.models.multiview_builders import (
     PRESETS,
@@ -56,14 +57,6 @@ SCHEDULER = {  # as published (Zero123++ v1.2); steps_offset 1 differs from the 
     "timestep_spacing": "trailing",
     "trained_betas": None,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _processor_config(size: int, mean: list[float], std: list[float]) -> dict:
