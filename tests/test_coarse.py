@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers.stage_tester import StageTester, tiny_run_overrides
+from helpers.stage_tester import TINY_3D, StageTester, tiny_run_overrides
 from one2345pp.cameras import Camera, look_at_c2w, multiview_cameras
 from one2345pp.config import load_config, to_object
 from one2345pp.data.config import DataConfig, ProceduralConfig, RenderConfig, ShardConfig, VolumeConfig
@@ -299,6 +299,7 @@ def tiny_overrides(root, shards, **extra) -> list[str]:
     return tiny_run_overrides(
         root,
         {
+            **TINY_3D,
             "model.unet.resolution": R,
             "model.unet.base_channels": 8,
             "model.unet.channel_mults": "[1,2,2]",
@@ -306,26 +307,10 @@ def tiny_overrides(root, shards, **extra) -> list[str]:
             "model.unet.attention_resolutions": "[4]",
             "model.unet.head_channels": 8,
             "model.unet.channels_last": True,
-            "model.condition.image_features.kind": "cnn",
-            "model.condition.image_features.cnn_channels": "[8,8]",
-            "model.condition.mlp_hidden": 8,
-            "model.condition.feature_channels": 8,
             "model.condition.level_channels": "[4,4,8]",
-            "model.global_embedding.kind": "cnn",
-            "model.global_embedding.cnn_channels": "[8,8]",
-            "model.global_embedding.cnn_dim": 8,
-            "model.diffusion.sample_steps": 4,
-            "optim.warmup_steps": 0,
-            "optim.lr": 1e-3,
-            "val.sample_steps": 3,
-            "ema.decay": 0.9,
             "data.train_shards": str(shards),
-            "data.batch_size": 2,
-            "data.epoch_samples": 2,
-            "trainer.max_steps": 1,
-            "trainer.accelerator": "cpu",
-            "trainer.devices": "1",
-            "trainer.log_every_n_steps": 1,
+            "model.diffusion.sample_steps": 4,
+            "val.sample_steps": 3,
             **extra,
         },
     )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.stage_tester import StageTester, tiny_run_overrides
+from helpers.stage_tester import TINY_3D, StageTester, tiny_run_overrides
 from one2345pp.cameras import multiview_cameras
 from one2345pp.config import to_object
 from one2345pp.data.config import DataConfig, ProceduralConfig, RenderConfig, ShardConfig, VolumeConfig
@@ -199,32 +199,17 @@ def tiny_overrides(root, shards, **extra) -> list[str]:
     return tiny_run_overrides(
         root,
         {
+            **TINY_3D,
             "model.unet.resolution": C,
             "model.unet.base_channels": 8,
             "model.unet.channel_mults": "[1,2]",
             "model.unet.backend": "torch",
-            "model.condition.image_features.kind": "cnn",
-            "model.condition.image_features.cnn_channels": "[8,8]",
-            "model.condition.mlp_hidden": 8,
-            "model.condition.feature_channels": 8,
             "model.condition.level_channels": "[4,8]",
-            "model.global_embedding.kind": "cnn",
-            "model.global_embedding.cnn_channels": "[8,8]",
-            "model.global_embedding.cnn_dim": 8,
             "model.sdf_truncation": 0.1,
-            "model.diffusion.sample_steps": 3,
-            "optim.warmup_steps": 0,
-            "optim.lr": 1e-3,
-            "val.sample_steps": 2,
-            "ema.decay": 0.9,
-            "train.crop": 4,
             "data.train_shards": str(shards),
-            "data.batch_size": 2,
-            "data.epoch_samples": 2,
-            "trainer.max_steps": 1,
-            "trainer.accelerator": "cpu",
-            "trainer.devices": "1",
-            "trainer.log_every_n_steps": 1,
+            "model.diffusion.sample_steps": 3,
+            "val.sample_steps": 2,
+            "train.crop": 4,
             **extra,
         },
     )

@@ -36,6 +36,27 @@ TINY_RUN = {
     "run.name": "t",
 }
 
+# what the coarse and fine tests' tiny runs share: small CNN image features, one training step of two objects on
+# the CPU, a short EMA
+TINY_3D = {
+    "model.condition.image_features.kind": "cnn",
+    "model.condition.image_features.cnn_channels": "[8,8]",
+    "model.condition.mlp_hidden": 8,
+    "model.condition.feature_channels": 8,
+    "model.global_embedding.kind": "cnn",
+    "model.global_embedding.cnn_channels": "[8,8]",
+    "model.global_embedding.cnn_dim": 8,
+    "optim.warmup_steps": 0,
+    "optim.lr": 1e-3,
+    "ema.decay": 0.9,
+    "data.batch_size": 2,
+    "data.epoch_samples": 2,
+    "trainer.max_steps": 1,
+    "trainer.accelerator": "cpu",
+    "trainer.devices": "1",
+    "trainer.log_every_n_steps": 1,
+}
+
 
 def tiny_run_overrides(root: str | Path, values: Mapping[str, object]) -> list[str]:
     """``key=value`` overrides of a tiny run under ``run.root=root``: :data:`TINY_RUN`, then the stage's ``values``
