@@ -153,9 +153,11 @@ bench-blender: $(STAMP) ## Blender (bpy, Cycles CPU) vs the ray caster: silhouet
 	$(PY) benchmarks/bench_blender.py --blender-python $(BLENDER_VENV)/bin/python $(ARGS)
 
 bench-multiview-follow: $(STAMP) ## does stage 1 follow its input: held-out identification, mask IoU, PSNR, cond_gain [PIPELINE=export]
-	@test -f $(FOLLOW_DATA)/manifest.jsonl || $(CLI) data build --source procedural --num-objects 16 \
+	@# held-out objects built before the tiny data recipe last changed (say, its framing) are built again
+	@if [ ! -f $(FOLLOW_DATA)/manifest.jsonl ] || [ experiments/tiny/data.yaml -nt $(FOLLOW_DATA)/manifest.jsonl ]; then \
+		rm -rf $(FOLLOW_DATA) && $(CLI) data build --source procedural --num-objects 16 \
 		--out $(FOLLOW_DATA) --config experiments/tiny/data.yaml --workers $(WORKERS) \
-		data.procedural.seed=$(FOLLOW_SEED) data.cond_samples=1
+		data.procedural.seed=$(FOLLOW_SEED) data.cond_samples=1; fi
 	$(PY) benchmarks/bench_multiview_follow.py --pipeline $(if $(PIPELINE),$(PIPELINE),$(SHIPPED_MULTIVIEW)/export) \
 		--shards '$(FOLLOW_DATA)/shard-*.tar' --out $(FOLLOW_OUT) $(ARGS)
 

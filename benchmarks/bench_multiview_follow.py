@@ -35,10 +35,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from one2345pp.cameras import untile
+from one2345pp.data.config import DataConfig
 from one2345pp.data.decode import composite, read_rgba
+from one2345pp.data.sample import camera_distance
 from one2345pp.demo.heldout import shard_fields
 from one2345pp.models.multiview_pipeline import (
     GRAY,
@@ -53,6 +56,7 @@ from one2345pp.models.multiview_pipeline import (
     with_condition_channels,
 )
 from one2345pp.models.reference_attention import ReferenceAttnProcessor, noisy_reference, reference_forward
+from one2345pp.pipeline.build import condition_fill, data_facts, resolve_run
 from one2345pp.pipeline.preprocess import PreprocessConfig, preprocess_image
 from one2345pp.utils.atomic import write_json
 
@@ -75,23 +79,52 @@ def read_heldout(patterns: list[str], limit: int | None) -> list[dict]:
     return out
 
 
-def heldout_seed(patterns: list[str]) -> int | None:
-    """The procedural seed of the held-out shards (their folder's config.yaml), when it is there."""
-    from omegaconf import OmegaConf
-
+def heldout_config(patterns: list[str]) -> Path:
+    """The data config (``config.yaml`` beside the shards) the held-out shards were built with."""
     first = sorted(p for pattern in patterns for p in glob.glob(pattern))[0]
-    config = Path(first).parent / "config.yaml"
+    return Path(first).parent / "config.yaml"
+
+
+def heldout_seed(patterns: list[str]) -> int | None:
+    """The procedural seed of the held-out shards, when their config is there."""
+    config = heldout_config(patterns)
     if not config.is_file():
         return None
     return int(OmegaConf.select(OmegaConf.load(config), "data.procedural.seed", default=-1))
 
 
-def condition_images(samples: list[dict], size: int, raw: bool = False) -> torch.Tensor:
-    """The product's input path: each RGBA condition through ``preprocess_image`` (framing, gray) -> [N, 3, s, s];
-    ``raw``: the rendered condition as the training shards hold it, only composited on gray."""
+def check_framing(pipeline: str, patterns: list[str]) -> tuple[str, float]:
+    """Refuse held-out views framed unlike the views the pipeline trained on (camera layout, distance, extent,
+    view size): their silhouettes would differ in size whatever the model draws. Returns what was compared and the
+    fill ratio the product's preprocessing frames inputs with for this run (``pipeline.build.condition_fill``)."""
+    run, config = Path(pipeline).parent, heldout_config(patterns)
+    if not (run / "config.yaml").is_file() or not config.is_file():
+        fill = PreprocessConfig().fill
+        return f"not checked (no run config beside the pipeline folder or no shard config); fill {fill}", fill
+    trained = data_facts(resolve_run("multiview", run), {})
+    held = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(config).data))
+    pairs = {
+        "camera layout": (trained.layout, held.layout),
+        "camera distance": (round(trained.distance, 4), round(camera_distance(held), 4)),
+        "normalisation extent": (trained.extent, held.normalize_extent),
+        "view size": (trained.view_size, held.view_resolution),
+    }
+    wrong = [f"{k}: trained {a} ({trained.source}), held-out {b} ({config})" for k, (a, b) in pairs.items() if a != b]
+    if wrong:
+        raise ValueError(
+            "the held-out shards are framed unlike the pipeline's training views; rebuild them with the run's data "
+            "config: " + "; ".join(wrong)
+        )
+    fill = condition_fill(trained)
+    return f"layout {trained.layout}, distance {trained.distance:.3f}, {trained.view_size} px views; fill {fill}", fill
+
+
+def condition_images(samples: list[dict], size: int, fill: float, raw: bool = False) -> torch.Tensor:
+    """The product's input path: each RGBA condition through ``preprocess_image`` (framing at ``fill``, gray) ->
+    [N, 3, s, s]; ``raw``: the rendered condition as the training shards hold it, only composited on gray."""
     if raw:
         return composite(np.stack([s["cond"] for s in samples]), GRAY)[0]
-    cfg = PreprocessConfig(size=size)
+    cfg = PreprocessConfig(size=size, fill=fill)
     rgb = [preprocess_image(Image.fromarray(s["cond"]), cfg)[0] for s in samples]
     return torch.from_numpy(np.stack(rgb)).permute(0, 3, 1, 2).float() / 255.0
 
@@ -314,12 +347,13 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
+    framing, fill = check_framing(args.pipeline, args.shards)
     pipe = MultiViewDiffusionPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     samples = read_heldout(args.shards, args.limit)
     if len(samples) < 2:
         raise ValueError(f"need at least 2 held-out objects, got {len(samples)}")
-    cond = condition_images(samples, int(pipe.config.cond_size), raw=args.raw_condition)
+    cond = condition_images(samples, int(pipe.config.cond_size), fill, raw=args.raw_condition)
     truth = torch.stack([s["grid"] for s in samples]).float()
     guidance = args.guidance if args.guidance is not None else float(pipe.config.get("guidance_scale", 4.0))
     out = pipe(
@@ -339,6 +373,7 @@ def main(argv=None) -> dict:
     result = {
         "pipeline": str(args.pipeline),
         "heldout_seed": heldout_seed(args.shards),
+        "framing": framing,
         "sampling": {"steps": args.steps, "guidance": guidance, "sampler": args.sampler},
         **follow_metrics(generated, truth),
     }

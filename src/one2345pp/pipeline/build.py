@@ -164,6 +164,13 @@ def data_facts(src: RunSource, overrides: dict) -> DataFacts:
     )
 
 
+def condition_fill(facts: DataFacts) -> float:
+    """The preprocessing fill ratio that frames an input image as the run's shards frame their condition views:
+    the default ratio at the framing distance, scaled by ``framing distance / distance`` for closer cameras."""
+    fill = PreprocessConfig().fill * framing_distance(get_layout(facts.layout).fov_deg, facts.extent) / facts.distance
+    return round(min(1.0, fill), 4)
+
+
 def multiview_view_size(src: RunSource) -> int:
     """The view size the multi-view run's export generates by default (its ``model.view_size``)."""
     model = _read_yaml(src.run_dir / "config.yaml").get("model") or {}
@@ -253,7 +260,6 @@ def build_pipeline(
         parts = {name: _load_stage(src, scratch) for name, src in sources.items()}
         tex = load_texture(texture, scratch)
         f = facts[1]  # the coarse run's data (all agree)
-        fill = PreprocessConfig().fill * framing_distance(get_layout(f.layout).fov_deg, f.extent) / f.distance
         derived = {
             "layout": f.layout,
             "distance": f.distance_setting,
@@ -261,7 +267,7 @@ def build_pipeline(
             "view_size": f.view_size,
             "coarse_steps": parts["coarse"].cfg.diffusion.sample_steps,
             "fine_steps": parts["fine"].cfg.diffusion.sample_steps,
-            "preprocess": {"size": f.cond_size, "fill": round(min(1.0, fill), 4)},
+            "preprocess": {"size": f.cond_size, "fill": condition_fill(f)},
         }
         merged = OmegaConf.merge(OmegaConf.structured(PipelineSettings), derived, given)
         settings = settings_from_dict(OmegaConf.to_container(merged), "pipeline settings")
