@@ -25,6 +25,7 @@ def test_file_then_overrides_then_saved(tmp_path):
     assert set(config_diff(load_config(DataBuildConfig), cfg)) == {
         "data.cond_samples",
         "data.cond_resolution",
+        "data.distance",
         "data.procedural.texture_resolution",
         "data.render.supersample",
         "data.view_resolution",
