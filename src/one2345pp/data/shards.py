@@ -19,9 +19,10 @@ import json
 import multiprocessing as mp
 import os
 import time
-from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -233,10 +234,17 @@ def build_shards(
             # spawn: open3d's thread pools do not survive fork. A worker that dies (a crash inside a native library)
             # breaks the executor with an error instead of hanging the job; the rerun continues from the manifest.
             ctx = mp.get_context("spawn")
+            # Results are written in the order of the items, not of completion, so that a build gives the same shards
+            # (and the same held-out last shard) whatever the workers' timing; a window of submitted items keeps the
+            # workers busy and bounds the results waiting behind a slow object.
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, 1)) as pool:
-                futures = [pool.submit(_process, item) for item in todo]
-                for fut in as_completed(futures):
-                    handle(fut.result())
+                items = iter(todo)
+                pending = deque(pool.submit(_process, item) for item in islice(items, 4 * workers))
+                while pending:
+                    res = pending.popleft().result()
+                    for item in islice(items, 1):
+                        pending.append(pool.submit(_process, item))
+                    handle(res)
         writer.finish()
     finally:
         bar.close()
