@@ -9,7 +9,9 @@ encoders excepted: they are re-read from their hub id / folder).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -86,10 +88,7 @@ class PretrainedMixin:
     """
 
     export_stage: str
-
-    @staticmethod
-    def checked_config(value):
-        raise NotImplementedError
+    checked_config: Callable[[Any], Any]  # set by the subclass: staticmethod(<its config checker>)
 
     def frozen_prefixes(self) -> list[str]:
         return frozen_prefixes(self)
