@@ -4,6 +4,8 @@ SD2-size UNet, 320 px views = 640x960 grids, bf16).
 
     .venv/bin/python benchmarks/bench_multiview.py [--steps 8] [--samples 2] [--threads N] [--full-batch 6]
 
+The tiny preset runs twice: as configured (target latents kept after their first step, ``train.target_latent_cache``;
+the synthetic batch repeats, so every timed step reads them) and with every target grid encoded at every step.
 Prints a table and one JSON line. Target (issue 3): at most 4 s per 28-step sample with guidance at full size on one
 H100 (bf16). Synthetic batches (smooth random images): data loading is measured by ``bench_data.py``.
 """
@@ -146,8 +148,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     rows = []
-    tiny = to_object(load_config(MultiViewConfig, ROOT / "experiments" / "tiny" / "multiview.yaml"))
+    tiny_yaml = ROOT / "experiments" / "tiny" / "multiview.yaml"
+    tiny = to_object(load_config(MultiViewConfig, tiny_yaml))
     rows.append(bench("tiny", tiny, torch.device("cpu"), args.batch, args.steps, args.samples, bf16=False))
+    rows[-1]["target_latent_cache"] = tiny.train.target_latent_cache
+    # the same preset encoding every target grid with the VAE at every step (train.target_latent_cache=0)
+    uncached = to_object(load_config(MultiViewConfig, tiny_yaml, ["train.target_latent_cache=0"]))
+    rows.append(bench("tiny", uncached, torch.device("cpu"), args.batch, args.steps, args.samples, bf16=False))
+    rows[-1]["target_latent_cache"] = 0
     full_note = None
     if torch.cuda.is_available():
         full = to_object(
@@ -165,13 +173,14 @@ def main() -> None:
     )
     print(
         f"{'preset':<6} {'device':<7} {'dtype':<5} {'grid':<8} {'UNet M':>7} {'train M':>8} {'batch':>5} "
-        f"{'s/step':>8} {'samples/s':>10} {'s/sample(28, cfg 4)':>20}"
+        f"{'latent cache':>12} {'s/step':>8} {'samples/s':>10} {'s/sample(28, cfg 4)':>20}"
     )
     for r in rows:
+        cache = r.get("target_latent_cache", 0)
         print(
             f"{r['preset']:<6} {r['device']:<7} {r['dtype']:<5} {r['grid']:<8} {r['unet_params_m']:>7.1f} "
-            f"{r['trainable_params_m']:>8.1f} {r['batch']:>5} {r['train_s_per_step']:>8.3f} "
-            f"{r['train_samples_per_s']:>10.2f} {r['sample_s_28_steps_cfg4']:>20.2f}"
+            f"{r['trainable_params_m']:>8.1f} {r['batch']:>5} {(str(cache) if cache else 'off'):>12} "
+            f"{r['train_s_per_step']:>8.3f} {r['train_samples_per_s']:>10.2f} {r['sample_s_28_steps_cfg4']:>20.2f}"
         )
     if full_note:
         print(full_note)

@@ -516,6 +516,40 @@ def test_vae_fit_learns_to_reconstruct_and_travels_with_checkpoints(capsys):
         load_stage_config(TINY, [*SMALL, "train.vae_fit.steps=5", "model.pretrained=/some/sd2"])
 
 
+def test_target_latent_cache_gives_the_same_loss_and_skips_the_encoder(monkeypatch):
+    """Kept posteriors give the loss of the uncached path (same generator), the VAE encoder runs only for grids not
+    kept, a full cache stops adding, validation and a changed VAE never read it."""
+    cached, plain = module("train.target_latent_cache=3", "train.vae_fit.steps=2"), module()
+    plain.load_state_dict(cached.state_dict())
+    cached.train(), plain.train()
+    calls = []
+    encode = cached.vae.encode
+    monkeypatch.setattr(cached.vae, "encode", lambda x: calls.append(tuple(x.shape)) or encode(x))
+    first, second = batch_of(2, seed=0), batch_of(2, seed=1)
+
+    def losses(batch, seed):
+        return [float(m.compute_loss(batch, generator=torch.Generator().manual_seed(seed))) for m in (cached, plain)]
+
+    with torch.no_grad():
+        for seed in (0, 1):  # a miss, then a hit: both equal the uncached loss
+            a, b = losses(first, seed)
+            assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+        assert len(cached.target_cache) == 2 and cached.target_cache.hits == 2
+        a, b = losses(second, 5)  # two new grids, one slot left: the third grid is kept, the fourth not
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+        assert len(cached.target_cache) == 3
+        targets = [shape[0] for shape in calls if shape[-2:] == (96, 64)]
+        assert targets == [2, 2]  # the first batch once, then the second batch's two new grids
+        cached.eval()
+        cached.compute_loss(first, generator=torch.Generator().manual_seed(0))
+        assert cached.target_cache.hits == 2  # validation encodes as it is
+    cached.train()
+    cached.fit_vae([batch_of(2, seed=3)], log_every=10**6)  # the VAE changes: nothing kept survives
+    assert len(cached.target_cache) == 0
+    with pytest.raises(ConfigError, match="train.target_latent_cache=-1"):
+        load_stage_config(TINY, [*SMALL, "train.target_latent_cache=-1"])
+
+
 def test_reference_latent_keeps_zero123pp_signal_ratio_for_any_vae_scaling():
     """With SD's scaling factor the reference is the raw posterior sample (as Zero123++ reads it); with another
     factor it is rescaled so that it stays 1 / 0.18215 times a diffusion latent's scale."""

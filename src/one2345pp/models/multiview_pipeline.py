@@ -62,6 +62,7 @@ __all__ = [
     "decode_latents",
     "encode_reference",
     "encode_target",
+    "target_posterior",
     "global_condition",
     "make_sampler",
     "scale_image",
@@ -125,11 +126,14 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def target_posterior(vae, images: torch.Tensor):
+    """Target grids in [0, 1] ``[B, 3, 3H, 2W]`` -> the VAE's posterior over their raw latents."""
+    return vae.encode(scale_image(images.to(vae.dtype) * 2.0 - 1.0)).latent_dist
+
+
 def encode_target(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Target grids in [0, 1] ``[B, 3, 3H, 2W]`` -> normalised diffusion latents (a posterior sample)."""
-    x = scale_image(images.to(vae.dtype) * 2.0 - 1.0)
-    z = vae.encode(x).latent_dist.sample(generator)
-    return scale_latents(z, vae.config.scaling_factor)
+    return scale_latents(target_posterior(vae, images).sample(generator), vae.config.scaling_factor)
 
 
 def encode_reference(vae, images: torch.Tensor, generator=None) -> torch.Tensor:
