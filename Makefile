@@ -52,6 +52,7 @@ GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_
 
 .PHONY: help setup system-deps test test-fast demo data train-stage sweep export eval-gso lint clean \
         bench-data bench-multiview bench-sparse bench-recon bench-texture bench-pipeline bench-multiview-follow \
+        bench-view-ceiling \
         ship-multiview
 .PHONY: bench-gpu gpu-wheels
 
@@ -160,6 +161,9 @@ bench-multiview-follow: $(STAMP) ## does stage 1 follow its input: held-out iden
 		data.procedural.seed=$(FOLLOW_SEED) data.cond_samples=1; fi
 	$(PY) benchmarks/bench_multiview_follow.py --pipeline $(if $(PIPELINE),$(PIPELINE),$(SHIPPED_MULTIVIEW)/export) \
 		--shards '$(FOLLOW_DATA)/shard-*.tar' --out $(FOLLOW_OUT) $(ARGS)
+
+bench-view-ceiling: $(STAMP) ## how much one condition view determines: mask IoU of a perfect sampler (procedural objects)
+	$(PY) benchmarks/bench_view_ceiling.py $(ARGS)
 
 ship-multiview: $(STAMP) ## retrain the shipped tiny multi-view model -> checkpoints/tiny/multiview (+ MODEL_CARD.md)
 	$(CLI) data build --source procedural --num-objects $(SHIP_N) --out $(SHIP_DATA) \

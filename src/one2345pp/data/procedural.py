@@ -31,6 +31,9 @@ TEXTURE_PATTERNS = ("checker", "stripes", "fbm", "cells")
 N_AROUND = 48  # segments around every surface of revolution
 ROW_SPACING = 0.06  # target length of the rows along straight sides (so vertex colours vary smoothly)
 _UV_PAD = 0.02  # margin around each atlas region so bilinear lookups do not bleed between regions
+# independent scale factors per axis: of each part (before its rotation) and of the whole object (after it)
+PART_AXIS_SCALE = (0.7, 1.3)
+OBJECT_AXIS_SCALE = (0.85, 1.15)
 
 
 def _rows(length: float, lo: int = 2, hi: int = 16) -> int:
@@ -489,7 +492,7 @@ def _part(
     """One primitive with a random scale (non-uniform, times ``size``) and rotation, centred at the origin."""
     params = _sample_params(family, rng)
     surface = build_surface(family, params)
-    linear = _random_rotation(rng) @ np.diag(size * rng.uniform(0.7, 1.3, 3))
+    linear = _random_rotation(rng) @ np.diag(size * rng.uniform(*PART_AXIS_SCALE, 3))
     material, corner_colors, color_desc = _appearance(rng, surface, cfg.texture_resolution, f"part{k}", modes)
     mesh = Mesh(
         surface.vertices @ linear.T,
@@ -548,7 +551,7 @@ def generate_object(index: int, cfg: ProceduralConfig, family: str | None = None
         meshes, parts = [mesh], [desc]
     combined = concatenate(meshes, source=uid)
     centre = 0.5 * (combined.vertices.min(0) + combined.vertices.max(0))
-    linear = np.diag(rng.uniform(0.85, 1.15, 3)) @ _random_rotation(rng)
+    linear = np.diag(rng.uniform(*OBJECT_AXIS_SCALE, 3)) @ _random_rotation(rng)
     combined.vertices = (combined.vertices - centre) @ linear.T
     description = {
         "uid": uid,
