@@ -351,6 +351,9 @@ class MultiViewStage(Stage):
     def training_step(self, batch, batch_idx):
         loss = self.compute_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
+        cache = self.target_cache
+        if cache.capacity > 0:  # share of target grids read from the cache so far (the encoder skipped)
+            self.log("train/latent_cache_hits", cache.hits / max(1, cache.hits + cache.misses), batch_size=1)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["target"].shape[0])
         return loss
 
