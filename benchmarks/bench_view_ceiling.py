@@ -1,25 +1,29 @@
-"""How much of an object's six views does one condition view determine? An upper bound on the view mask IoU that a
+"""How much of an object's six views does one condition view determine? Upper bounds on the view mask IoU that a
 perfect multi-view sampler can reach on the procedural objects.
 
     .venv/bin/python benchmarks/bench_view_ceiling.py [--objects 64] [--seed 3000] [--draws 4]
         [--config experiments/tiny/data.yaml] [--pipeline checkpoints/tiny/multiview/export]
 
-A procedural part gets an independent scale per axis (``procedural.PART_AXIS_SCALE``, then the object's
-``OBJECT_AXIS_SCALE``), so its extent along the condition camera's viewing axis is not visible in the condition view.
-For each held-out object (generated from ``--seed``, normalised, lit and photographed as the data build does), copies
-are stretched along that axis by the ratio of two prior draws of an axis scale, normalised again, and rendered from
-the same cameras. The copies' condition views, framed by the product's preprocessing, are nearly the object's own
-(their silhouette IoU is printed); their six target views are what a sampler that knows everything but this one
-unseen extent would draw. Scored against the object's ground-truth views with ``bench_multiview_follow``'s rule
-(silhouette = more than 0.08 from gray in some channel):
+For each held-out object (generated from ``--seed``, normalised, lit and photographed as the data build does), the
+benchmark builds worlds that the condition view cannot tell from the object's own and renders their six target views:
 
-* ``truth_vae``: the ground-truth views through the pipeline's VAE (what its latents keep of a perfect view);
-* ``sample`` / ``sample_vae``: one stretched copy, as rendered and through the VAE: a perfect posterior sample;
-* ``mean_vae``: the mean of ``--draws`` copies through the VAE: a perfect posterior mean (blurred where they differ).
+* ``stretch``: the object stretched along the condition camera's viewing axis by the ratio of two prior draws of an
+  axis scale (a part gets an independent scale per axis, ``procedural.PART_AXIS_SCALE`` times the object's
+  ``OBJECT_AXIS_SCALE``, so its depth is not seen). A proxy, not the exact posterior: a stretched sphere is an
+  ellipsoid of the same family, but a stretched box is a parallelepiped, which a model that knows the prior could
+  rule out;
+* ``elevation``: the object and its light turned about the origin so that a camera at another elevation of the
+  build's range (``cond_elevation_min..max``, same azimuth) takes the very same picture. The objects are rotated
+  uniformly at random, so nothing in them says which way is up; the six target views sit at fixed absolute
+  elevations, so they depend on the condition's elevation, which only the direction of the world-fixed light (seen in
+  the shading) gives away. A sampler that does not read the light cannot do better than this row;
+* ``both``: the two at once.
 
-The stretch is a proxy for one unseen degree of freedom, not the exact posterior: a stretched sphere is an ellipsoid
-of the same family, but a stretched box is a parallelepiped, which a model that knows the prior could rule out (the
-per-family rows show how much each family loses). Other ambiguities of one view (a hidden part of a union, a cone
+Their condition views, framed by the product's preprocessing, are compared with the object's (``input IoU``: 1 for
+``elevation``, the same picture); their target views are scored against the object's ground truth with
+``bench_multiview_follow``'s rule (silhouette = more than 0.08 from gray in some channel): ``sample`` one alternative,
+``sample, VAE`` the same through the pipeline's VAE, ``mean, VAE`` the mean of ``--draws`` alternatives through the
+VAE; ``truth_vae`` is the ground truth itself through the VAE. Other ambiguities (a hidden part of a union, a cone
 pointing towards or away from the camera) are not simulated. The objects are taken as generated, before the data
 build's file round trip, so their poses differ from the shards' (the same distribution). Prints a table and one JSON
 line.
@@ -29,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +44,7 @@ from bench_multiview_follow import silhouette, view_scores
 from omegaconf import OmegaConf
 from PIL import Image
 
-from one2345pp.cameras import tile
+from one2345pp.cameras import Camera, tile
 from one2345pp.config import to_object
 from one2345pp.data.config import DataConfig
 from one2345pp.data.decode import composite
@@ -49,7 +55,7 @@ from one2345pp.geometry.mesh_io import normalize
 from one2345pp.models.multiview_pipeline import GRAY, MultiViewDiffusionPipeline, scale_image, unscale_image
 from one2345pp.pipeline.build import DataFacts, condition_fill
 from one2345pp.pipeline.preprocess import PreprocessConfig, preprocess_image
-from one2345pp.rendering.base import light_from_config
+from one2345pp.rendering.base import Light, light_from_config
 from one2345pp.rendering.raycast import RaycastRenderer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +113,42 @@ def by_family(iou: torch.Tensor, families: list[str]) -> dict:
     return {f: {"objects": len(v), "mask_iou": float(np.mean(v))} for f, v in per.items()}
 
 
+def elevation_turn(azimuth_deg: float, from_deg: float, to_deg: float) -> np.ndarray:
+    """The rotation about the origin that takes the camera at (azimuth, ``from_deg``) to (azimuth, ``to_deg``) (world
+    +Z up): the world turned by it and seen from the second camera is the picture the first camera took."""
+    a, d = math.radians(azimuth_deg), math.radians(to_deg - from_deg)
+    rz = np.array([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    turn = np.array([[math.cos(d), 0.0, -math.sin(d)], [0.0, 1.0, 0.0], [math.sin(d), 0.0, math.cos(d)]])
+    return rz @ turn @ rz.T
+
+
+def turned_world(mesh: Mesh, light: Light, cond: Camera, elevation_deg: float) -> tuple[Mesh, Light, Camera]:
+    """The object and its light turned so that a condition camera at ``elevation_deg`` (same azimuth) sees what
+    ``cond`` saw."""
+    rot = elevation_turn(cond.azimuth_deg, cond.elevation_deg, elevation_deg)
+    turned = mesh.transformed(1.0, np.zeros(3))
+    turned.vertices = mesh.vertices @ rot.T
+    return (
+        turned,
+        Light(rot @ light.direction, light.ambient, light.diffuse),
+        replace(cond, elevation_deg=elevation_deg),
+    )
+
+
+AMBIGUITIES = ("stretch", "elevation", "both")
+
+
+def alternative(kind: str, mesh: Mesh, light: Light, cond: Camera, cfg: DataConfig, rng: np.random.Generator):
+    """One world the condition view cannot tell from the object's own: (mesh, light, condition camera)."""
+    if kind in ("stretch", "both"):
+        axis = -cond.position / np.linalg.norm(cond.position)
+        mesh = stretched_copy(mesh, axis, prior_stretch(rng), cfg.normalize_extent)
+    if kind in ("elevation", "both"):
+        elevation = float(rng.uniform(cfg.cond_elevation_min, cfg.cond_elevation_max))  # the build's prior
+        mesh, light, cond = turned_world(mesh, light, cond, elevation)
+    return mesh, light, cond
+
+
 def measure(cfg: DataConfig, objects: int, draws: int, vae, rng_seed: int = 0) -> dict:
     renderer = RaycastRenderer(cfg.render)
     facts = DataFacts(
@@ -122,7 +164,9 @@ def measure(cfg: DataConfig, objects: int, draws: int, vae, rng_seed: int = 0) -
     )
     fill = condition_fill(facts)  # the product's framing of an input for a run trained on this data
     rng = np.random.default_rng(rng_seed)
-    truth, copies, cond_iou, factors, families = [], [], [], [], []
+    truth, families = [], []
+    copies = {k: [] for k in AMBIGUITIES}
+    cond_iou = {k: [] for k in AMBIGUITIES}
     for i in range(objects):
         obj = generate_object(i, cfg.procedural)
         mesh = normalize(obj.mesh, cfg.normalize_extent)[0]
@@ -130,47 +174,42 @@ def measure(cfg: DataConfig, objects: int, draws: int, vae, rng_seed: int = 0) -
         obj_rng = object_rng(cfg.seed, obj.uid)  # the data build's order: light, then cameras
         light = light_from_config(cfg.render, obj_rng)
         cond, views = sample_cameras(cfg, obj_rng)[0]
-        axis = -cond.position / np.linalg.norm(cond.position)
         truth.append(render_grid(renderer, mesh, views, light))
         own_cond = framed_condition(renderer, mesh, cond, light, fill)
-        grids = []
-        for _ in range(draws):
-            f = prior_stretch(rng)
-            copy = stretched_copy(mesh, axis, f, cfg.normalize_extent)
-            grids.append(render_grid(renderer, copy, views, light))
-            cond_iou.append(mask_iou(framed_condition(renderer, copy, cond, light, fill), own_cond))
-            factors.append(f)
-        copies.append(torch.stack(grids))
-    truth_t, copies_t = torch.stack(truth), torch.stack(copies)  # [N, 3, H, W], [N, D, 3, H, W]
-    n, d = copies_t.shape[:2]
-    copies_vae = through_vae(vae, copies_t.flatten(0, 1)).view_as(copies_t)
-    rows = {
-        "truth_vae": through_vae(vae, truth_t),
-        "sample": copies_t[:, 0],
-        "sample_vae": copies_vae[:, 0],
-        "mean_vae": copies_vae.mean(dim=1),
-    }
-    scores = {}
-    for name, grids in rows.items():
-        psnr, iou = view_scores(grids, truth_t)
-        scores[name] = {"mask_iou": float(iou.mean()), "psnr": float(psnr.mean())}
-        if name == "sample_vae":
-            scores["sample_vae_by_family"] = by_family(iou, families)
-    return {
-        "objects": n,
-        "draws": d,
+        for kind in AMBIGUITIES:
+            grids = []
+            for _ in range(draws):
+                alt_mesh, alt_light, alt_cond = alternative(kind, mesh, light, cond, cfg, rng)
+                grids.append(render_grid(renderer, alt_mesh, views, alt_light))  # targets: the cond's azimuth only
+                alt_view = framed_condition(renderer, alt_mesh, alt_cond, alt_light, fill)
+                cond_iou[kind].append(mask_iou(alt_view, own_cond))
+            copies[kind].append(torch.stack(grids))
+    truth_t = torch.stack(truth)
+    psnr, iou = view_scores(through_vae(vae, truth_t), truth_t)
+    result = {
+        "objects": len(truth),
+        "draws": draws,
         "fill": fill,
-        "stretch_median_abs_log": float(np.median(np.abs(np.log(factors)))),
-        "condition_mask_iou": float(np.mean(cond_iou)),
-        **scores,
+        "truth_vae": {"mask_iou": float(iou.mean()), "psnr": float(psnr.mean())},
     }
+    for kind in AMBIGUITIES:
+        alt = torch.stack(copies[kind])  # [N, D, 3, H, W]
+        alt_vae = through_vae(vae, alt.flatten(0, 1)).view_as(alt)
+        row = {"condition_mask_iou": float(np.mean(cond_iou[kind]))}
+        for name, grids in (("sample", alt[:, 0]), ("sample_vae", alt_vae[:, 0]), ("mean_vae", alt_vae.mean(dim=1))):
+            psnr, iou = view_scores(grids, truth_t)
+            row[name] = {"mask_iou": float(iou.mean()), "psnr": float(psnr.mean())}
+            if name == "sample_vae":
+                row["sample_vae_by_family"] = by_family(iou, families)
+        result[kind] = row
+    return result
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--objects", type=int, default=64)
     ap.add_argument("--seed", type=int, default=3000, help="procedural seed of the held-out objects")
-    ap.add_argument("--draws", type=int, default=4, help="stretched copies per object (the mean row averages them)")
+    ap.add_argument("--draws", type=int, default=4, help="alternatives per object and kind (averaged by the mean rows)")
     ap.add_argument("--config", default=str(ROOT / "experiments" / "tiny" / "data.yaml"), help="data recipe")
     ap.add_argument("--pipeline", default=str(ROOT / "checkpoints" / "tiny" / "multiview" / "export"))
     ap.add_argument("--threads", type=int, default=None)
@@ -196,21 +235,25 @@ def main(argv=None) -> dict:
 
 def print_table(r: dict) -> None:
     print(
-        f"one view's ambiguity: {r['objects']} procedural objects of seed {r['seed']}, {r['draws']} stretched copies "
-        f"each (median |log stretch| {r['stretch_median_abs_log']:.2f}); their framed condition views match the "
-        f"object's at silhouette IoU {r['condition_mask_iou']:.3f} ({r['seconds']:.0f} s)"
+        f"one view's ambiguities: {r['objects']} procedural objects of seed {r['seed']}, {r['draws']} alternatives "
+        f"each, scored against the ground-truth views ({r['seconds']:.0f} s)"
     )
-    print(f"| {'six views, against the ground truth':48s} | mask IoU | PSNR dB |")
-    names = {
-        "truth_vae": "ground truth through the VAE",
-        "sample": "perfect posterior sample (a stretched copy)",
-        "sample_vae": "perfect posterior sample, through the VAE",
-        "mean_vae": "perfect posterior mean, through the VAE",
-    }
-    for key, name in names.items():
-        print(f"| {name:48s} | {r[key]['mask_iou']:8.3f} | {r[key]['psnr']:7.2f} |")
-    by = ", ".join(f"{f} {v['mask_iou']:.3f} ({v['objects']})" for f, v in r["sample_vae_by_family"].items())
-    print(f"perfect posterior sample through the VAE, by family (objects): {by}")
+    print(
+        f"ground truth through the VAE: mask IoU {r['truth_vae']['mask_iou']:.3f}, PSNR {r['truth_vae']['psnr']:.2f} dB"
+    )
+    print(
+        f"| {'alternative worlds':22s} | input IoU | sample IoU | sample IoU, VAE | mean IoU, VAE | sample PSNR, VAE |"
+    )
+    for kind in AMBIGUITIES:
+        a = r[kind]
+        print(
+            f"| {kind:22s} | {a['condition_mask_iou']:9.3f} | {a['sample']['mask_iou']:10.3f} | "
+            f"{a['sample_vae']['mask_iou']:15.3f} | {a['mean_vae']['mask_iou']:13.3f} | "
+            f"{a['sample_vae']['psnr']:16.2f} |"
+        )
+    for kind in AMBIGUITIES:
+        by = ", ".join(f"{f} {v['mask_iou']:.3f} ({v['objects']})" for f, v in r[kind]["sample_vae_by_family"].items())
+        print(f"sample IoU through the VAE by family (objects), {kind}: {by}")
 
 
 if __name__ == "__main__":
