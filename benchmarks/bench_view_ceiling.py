@@ -16,7 +16,9 @@ benchmark builds worlds that the condition view cannot tell from the object's ow
   build's range (``cond_elevation_min..max``, same azimuth) takes the very same picture. The objects are rotated
   uniformly at random, so nothing in them says which way is up; the six target views sit at fixed absolute
   elevations, so they depend on the condition's elevation, which only the direction of the world-fixed light (seen in
-  the shading) gives away. A sampler that does not read the light cannot do better than this row;
+  the shading) gives away. A sampler that does not read the light cannot do better than this row. Upright objects
+  (``procedural.orientation=upright``) show which way is up, and a turned one is not upright: this row and the next
+  are left out for them;
 * ``both``: the two at once.
 
 Their condition views, framed by the product's preprocessing, are compared with the object's (``input IoU``: 1 for
@@ -48,7 +50,7 @@ from one2345pp.cameras import Camera, tile
 from one2345pp.config import to_object
 from one2345pp.data.config import DataConfig
 from one2345pp.data.decode import composite
-from one2345pp.data.procedural import OBJECT_AXIS_SCALE, PART_AXIS_SCALE, generate_object
+from one2345pp.data.procedural import OBJECT_AXIS_SCALE, ORIENTATIONS, PART_AXIS_SCALE, generate_object
 from one2345pp.data.sample import camera_distance, object_rng, sample_cameras
 from one2345pp.geometry.mesh import Mesh
 from one2345pp.geometry.mesh_io import normalize
@@ -61,12 +63,12 @@ from one2345pp.rendering.raycast import RaycastRenderer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def data_config(path: Path, seed: int) -> DataConfig:
-    """The data recipe at ``path`` with procedural seed ``seed`` and one condition view per object."""
+def data_config(path: Path, seed: int, orientation: str | None = None) -> DataConfig:
+    """The data recipe at ``path`` with procedural seed ``seed``, one condition view per object and, when given,
+    another ``procedural.orientation``."""
+    procedural = {"seed": seed} if orientation is None else {"seed": seed, "orientation": orientation}
     merged = OmegaConf.merge(
-        OmegaConf.structured(DataConfig),
-        OmegaConf.load(path).data,
-        {"cond_samples": 1, "procedural": {"seed": seed}},
+        OmegaConf.structured(DataConfig), OmegaConf.load(path).data, {"cond_samples": 1, "procedural": procedural}
     )
     return to_object(merged)
 
@@ -138,6 +140,11 @@ def turned_world(mesh: Mesh, light: Light, cond: Camera, elevation_deg: float) -
 AMBIGUITIES = ("stretch", "elevation", "both")
 
 
+def ambiguities(cfg: DataConfig) -> tuple[str, ...]:
+    """Upright objects show which way is up, so a turned world is not one of them: only the stretch applies."""
+    return ("stretch",) if cfg.procedural.orientation == "upright" else AMBIGUITIES
+
+
 def alternative(kind: str, mesh: Mesh, light: Light, cond: Camera, cfg: DataConfig, rng: np.random.Generator):
     """One world the condition view cannot tell from the object's own: (mesh, light, condition camera)."""
     if kind in ("stretch", "both"):
@@ -165,8 +172,9 @@ def measure(cfg: DataConfig, objects: int, draws: int, vae, rng_seed: int = 0) -
     fill = condition_fill(facts)  # the product's framing of an input for a run trained on this data
     rng = np.random.default_rng(rng_seed)
     truth, families = [], []
-    copies = {k: [] for k in AMBIGUITIES}
-    cond_iou = {k: [] for k in AMBIGUITIES}
+    kinds = ambiguities(cfg)
+    copies = {k: [] for k in kinds}
+    cond_iou = {k: [] for k in kinds}
     for i in range(objects):
         obj = generate_object(i, cfg.procedural)
         mesh = normalize(obj.mesh, cfg.normalize_extent)[0]
@@ -176,7 +184,7 @@ def measure(cfg: DataConfig, objects: int, draws: int, vae, rng_seed: int = 0) -
         cond, views = sample_cameras(cfg, obj_rng)[0]
         truth.append(render_grid(renderer, mesh, views, light))
         own_cond = framed_condition(renderer, mesh, cond, light, fill)
-        for kind in AMBIGUITIES:
+        for kind in kinds:
             grids = []
             for _ in range(draws):
                 alt_mesh, alt_light, alt_cond = alternative(kind, mesh, light, cond, cfg, rng)
@@ -187,12 +195,13 @@ def measure(cfg: DataConfig, objects: int, draws: int, vae, rng_seed: int = 0) -
     truth_t = torch.stack(truth)
     psnr, iou = view_scores(through_vae(vae, truth_t), truth_t)
     result = {
+        "orientation": cfg.procedural.orientation,
         "objects": len(truth),
         "draws": draws,
         "fill": fill,
         "truth_vae": {"mask_iou": float(iou.mean()), "psnr": float(psnr.mean())},
     }
-    for kind in AMBIGUITIES:
+    for kind in kinds:
         alt = torch.stack(copies[kind])  # [N, D, 3, H, W]
         alt_vae = through_vae(vae, alt.flatten(0, 1)).view_as(alt)
         row = {"condition_mask_iou": float(np.mean(cond_iou[kind]))}
@@ -212,6 +221,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--draws", type=int, default=4, help="alternatives per object and kind (averaged by the mean rows)")
     ap.add_argument("--config", default=str(ROOT / "experiments" / "tiny" / "data.yaml"), help="data recipe")
     ap.add_argument("--pipeline", default=str(ROOT / "checkpoints" / "tiny" / "multiview" / "export"))
+    ap.add_argument("--orientation", choices=ORIENTATIONS, default=None, help="default: the recipe's")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.objects < 1 or args.draws < 1:
@@ -225,7 +235,7 @@ def main(argv=None) -> dict:
         "config": str(args.config),
         "seed": args.seed,
         "pipeline": str(args.pipeline),
-        **measure(data_config(Path(args.config), args.seed), args.objects, args.draws, vae),
+        **measure(data_config(Path(args.config), args.seed, args.orientation), args.objects, args.draws, vae),
     }
     result["seconds"] = time.perf_counter() - t0
     print_table(result)
@@ -235,8 +245,8 @@ def main(argv=None) -> dict:
 
 def print_table(r: dict) -> None:
     print(
-        f"one view's ambiguities: {r['objects']} procedural objects of seed {r['seed']}, {r['draws']} alternatives "
-        f"each, scored against the ground-truth views ({r['seconds']:.0f} s)"
+        f"one view's ambiguities: {r['objects']} procedural objects of seed {r['seed']} ({r['orientation']}), "
+        f"{r['draws']} alternatives each, scored against the ground-truth views ({r['seconds']:.0f} s)"
     )
     print(
         f"ground truth through the VAE: mask IoU {r['truth_vae']['mask_iou']:.3f}, PSNR {r['truth_vae']['psnr']:.2f} dB"
@@ -244,14 +254,15 @@ def print_table(r: dict) -> None:
     print(
         f"| {'alternative worlds':22s} | input IoU | sample IoU | sample IoU, VAE | mean IoU, VAE | sample PSNR, VAE |"
     )
-    for kind in AMBIGUITIES:
+    kinds = [k for k in AMBIGUITIES if k in r]
+    for kind in kinds:
         a = r[kind]
         print(
             f"| {kind:22s} | {a['condition_mask_iou']:9.3f} | {a['sample']['mask_iou']:10.3f} | "
             f"{a['sample_vae']['mask_iou']:15.3f} | {a['mean_vae']['mask_iou']:13.3f} | "
             f"{a['sample_vae']['psnr']:16.2f} |"
         )
-    for kind in AMBIGUITIES:
+    for kind in kinds:
         by = ", ".join(f"{f} {v['mask_iou']:.3f} ({v['objects']})" for f, v in r[kind]["sample_vae_by_family"].items())
         print(f"sample IoU through the VAE by family (objects), {kind}: {by}")
 

@@ -65,7 +65,7 @@ def vae():
 
 def test_alternatives_equal_to_the_object_score_one_and_a_stretch_costs_iou(monkeypatch, vae):
     # every condition at elevation 20 and no stretch: each alternative world is the object itself
-    cfg = bench.data_config(ROOT / "experiments" / "tiny" / "data.yaml", seed=3000)
+    cfg = bench.data_config(ROOT / "experiments" / "tiny" / "data.yaml", seed=3000, orientation="any")
     cfg = replace(cfg, cond_elevation_min=20.0, cond_elevation_max=20.0)
     monkeypatch.setattr(bench, "prior_stretch", lambda rng: 1.0)
     same = bench.measure(cfg, objects=2, draws=1, vae=vae)
@@ -74,5 +74,7 @@ def test_alternatives_equal_to_the_object_score_one_and_a_stretch_costs_iou(monk
         assert same[kind]["sample_vae"]["mask_iou"] == pytest.approx(same["truth_vae"]["mask_iou"])
     monkeypatch.setattr(bench, "prior_stretch", lambda rng: 1.5)
     stretched = bench.measure(cfg, objects=2, draws=1, vae=vae)["stretch"]
+    upright = bench.measure(replace(cfg, procedural=replace(cfg.procedural, orientation="upright")), 1, 1, vae)
+    assert "stretch" in upright and "elevation" not in upright  # upright objects show which way is up
     assert stretched["sample"]["mask_iou"] < 0.95
     assert stretched["condition_mask_iou"] > stretched["sample"]["mask_iou"]  # the input changes less than the views

@@ -128,6 +128,24 @@ def test_families_restriction_and_unknown_names():
         generate_object(0, ProceduralConfig(), family="blob")
 
 
+def _keeps_z(linear) -> bool:
+    m = np.asarray(linear)
+    return bool(np.allclose(m[2, :2], 0) and np.allclose(m[:2, 2], 0))
+
+
+def test_upright_objects_turn_only_about_the_vertical_axis():
+    upright = ProceduralConfig(seed=2, texture_resolution=16, orientation="upright")
+    anyway = ProceduralConfig(seed=2, texture_resolution=16)
+    for i in range(12):
+        obj = generate_object(i, upright)
+        d = obj.description
+        # every turn keeps +Z: the matrices have no coupling between z and x, y
+        assert _keeps_z(d["object_linear"]) and all(_keeps_z(p["linear"]) for p in d["parts"]), obj.family
+    assert not all(_keeps_z(generate_object(i, anyway).description["object_linear"]) for i in range(12))
+    with pytest.raises(ValueError, match="procedural.orientation='sideways'"):
+        generate_object(0, ProceduralConfig(orientation="sideways"))
+
+
 @pytest.mark.parametrize("family", PRIMITIVE_FAMILIES)
 def test_single_part_families_are_closed_outward_and_match_analytic_volume(family):
     cfg = ProceduralConfig(seed=5, texture_resolution=32)

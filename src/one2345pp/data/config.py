@@ -20,6 +20,9 @@ from ..rendering.base import RenderConfig
 class ProceduralConfig:
     seed: int = 0  # object i is generated from (seed, i): deterministic and independent of worker order
     families: list[str] | None = None  # None: all of procedural.FAMILIES, drawn uniformly
+    # "any": every part and the whole object turned uniformly at random, so no object has an up; "upright": turned
+    # only about the vertical axis (+Z), standing as Objaverse and GSO assets stand (see procedural.ORIENTATIONS)
+    orientation: str = "any"
     min_parts: int = 1
     max_parts: int = 3
     texture_resolution: int = 256

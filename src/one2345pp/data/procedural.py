@@ -8,9 +8,9 @@ overlapping parts (plain concatenation; internal faces are left to the SDF code)
 built here from (u, v) grids with its own natural UVs: seams are split so UVs are continuous within every face, and
 closed surfaces are watertight in geometry (caps closed, poles collapsed to one position; vertices are duplicated
 along seams). Faces wind counter-clockwise seen from outside. Each part gets a random non-uniform scale and rotation,
-the whole object another, and one of three colour modes: a flat base colour, smooth vertex colours, or a procedural
-texture (checker, stripes, fbm value noise, random colour cells). A union never mixes vertex colours with textures
-(an OBJ file cannot hold both).
+the whole object another (uniformly random, or about +Z only with ``procedural.orientation=upright``), and one of
+three colour modes: a flat base colour, smooth vertex colours, or a procedural texture (checker, stripes, fbm value
+noise, random colour cells). A union never mixes vertex colours with textures (an OBJ file cannot hold both).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ TEXTURE_PATTERNS = ("checker", "stripes", "fbm", "cells")
 N_AROUND = 48  # segments around every surface of revolution
 ROW_SPACING = 0.06  # target length of the rows along straight sides (so vertex colours vary smoothly)
 _UV_PAD = 0.02  # margin around each atlas region so bilinear lookups do not bleed between regions
+# "any": uniformly random rotations (no object has an up); "upright": rotations about +Z only (every part stands on its
+# own axis: cylinders and cones upright, tori flat, boxes level)
+ORIENTATIONS = ("any", "upright")
 # independent scale factors per axis: of each part (before its rotation) and of the whole object (after it)
 PART_AXIS_SCALE = (0.7, 1.3)
 OBJECT_AXIS_SCALE = (0.85, 1.15)
@@ -350,6 +353,20 @@ def _sample_params(family: str, rng: np.random.Generator) -> dict[str, Any]:
     raise ValueError(f"unknown primitive family {family!r}; expected one of {PRIMITIVE_FAMILIES}")
 
 
+def _yaw_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A rotation about +Z by a uniformly random angle."""
+    a = rng.uniform(0.0, 2.0 * np.pi)
+    c, s = np.cos(a), np.sin(a)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _turn(rng: np.random.Generator, cfg: ProceduralConfig) -> np.ndarray:
+    """The rotation of a part or of the whole object under ``cfg.orientation``."""
+    if cfg.orientation not in ORIENTATIONS:
+        raise ValueError(f"procedural.orientation={cfg.orientation!r}; expected one of {ORIENTATIONS}")
+    return _random_rotation(rng) if cfg.orientation == "any" else _yaw_rotation(rng)
+
+
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     """A uniformly random rotation matrix (from a normalised Gaussian quaternion)."""
     q = rng.normal(size=4)
@@ -492,7 +509,7 @@ def _part(
     """One primitive with a random scale (non-uniform, times ``size``) and rotation, centred at the origin."""
     params = _sample_params(family, rng)
     surface = build_surface(family, params)
-    linear = _random_rotation(rng) @ np.diag(size * rng.uniform(*PART_AXIS_SCALE, 3))
+    linear = _turn(rng, cfg) @ np.diag(size * rng.uniform(*PART_AXIS_SCALE, 3))
     material, corner_colors, color_desc = _appearance(rng, surface, cfg.texture_resolution, f"part{k}", modes)
     mesh = Mesh(
         surface.vertices @ linear.T,
@@ -551,7 +568,7 @@ def generate_object(index: int, cfg: ProceduralConfig, family: str | None = None
         meshes, parts = [mesh], [desc]
     combined = concatenate(meshes, source=uid)
     centre = 0.5 * (combined.vertices.min(0) + combined.vertices.max(0))
-    linear = np.diag(rng.uniform(*OBJECT_AXIS_SCALE, 3)) @ _random_rotation(rng)
+    linear = np.diag(rng.uniform(*OBJECT_AXIS_SCALE, 3)) @ _turn(rng, cfg)
     combined.vertices = (combined.vertices - centre) @ linear.T
     description = {
         "uid": uid,
