@@ -169,6 +169,29 @@ def test_decode_views_shapes_ranges_and_compositing(shards):
     assert small["target_K"][0, 0].item() == pytest.approx(0.5 * 4 / math.tan(math.radians(15.0)))
 
 
+def test_cond_fill_frames_the_condition_as_the_product_frames_its_input(shards):
+    from PIL import Image
+
+    from one2345pp.pipeline.preprocess import PreprocessConfig, preprocess_image
+
+    _, samples = shards
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[5:21, 10:40] = (200, 40, 90, 255)  # a 30 x 16 box off centre on a transparent background
+    sample = {**raw(samples, "obj1x2"), "cond0.png": png(rgba)}
+    as_rendered = decode_views(sample, 0, "gray")
+    assert torch.equal(as_rendered["cond_alpha"][0] > 0.5, torch.from_numpy(rgba[..., 3] > 0))
+    framed = decode_views(sample, 0, "gray", cond_fill=0.5)
+    on = framed["cond_alpha"][0] > 0.5
+    ys, xs = torch.nonzero(on, as_tuple=True)
+    assert int(xs.max() - xs.min() + 1) == 32 and abs(int(ys.max() - ys.min() + 1) - 17) <= 1  # 0.5 x 64, same aspect
+    assert abs(int(xs.min()) - (64 - 32) // 2) <= 1 and abs(int(ys.min()) - (64 - 17) // 2) <= 1  # centred
+    product, _ = preprocess_image(Image.fromarray(rgba), PreprocessConfig(size=64, fill=0.5))
+    expected = torch.from_numpy(product).permute(2, 0, 1).float() / 255.0
+    assert (framed["cond"] - expected).abs().max() <= 1.5 / 255  # the product's framing, up to rounding
+    with pytest.raises(CorruptSample, match="no object pixel"):
+        decode_views({**sample, "cond0.png": png(np.zeros((64, 64, 4), np.uint8))}, 0, cond_fill=0.5)
+
+
 def test_decode_volumes(shards):
     _, samples = shards
     sample = raw(samples, "obj2x1")

@@ -256,6 +256,18 @@ def test_export_from_runs_reproduces_the_pipeline(runs, tiny_pipeline_dir, image
     assert json.loads((tmp_path / "c" / "config.json").read_text())["step"] == 7
 
 
+def test_export_frames_inputs_as_the_multiview_run_framed_its_conditions(runs, tmp_path):
+    mv = tmp_path / "multiview"
+    shutil.copytree(runs["multiview"], mv)
+    cfg = OmegaConf.load(mv / "config.yaml")
+    assert _export(runs, tmp_path / "rendered") == 0  # conditions as rendered: the distance rule
+    rendered = One2345PPPipeline.from_pretrained(tmp_path / "rendered").settings.preprocess.fill
+    cfg.data.cond_fill = 0.7
+    save_config(cfg, mv / "config.yaml")
+    assert _export(runs, tmp_path / "framed", multiview=mv) == 0
+    assert One2345PPPipeline.from_pretrained(tmp_path / "framed").settings.preprocess.fill == 0.7 != rendered
+
+
 def test_export_refuses_stages_trained_on_different_data(runs, tmp_path, capsys):
     other = _shards(tmp_path / "v11", layout="zero123pp-v1.1")
     coarse = tmp_path / "coarse"

@@ -35,6 +35,7 @@ def manifest_count(data: Path) -> int:
 def model_card(run: Path, data: Path, bench: dict, seconds: float, command: str, note: str = "") -> str:
     cfg = OmegaConf.load(run / "config.yaml")
     data_cfg = OmegaConf.load(data / "config.yaml").data
+    orientation = OmegaConf.select(data_cfg, "procedural.orientation", default="any")  # older builds: "any"
     m = training_metrics(run)
     size = sum(p.stat().st_size for p in (run / "export").rglob("*") if p.is_file())
     rows = [
@@ -59,9 +60,9 @@ demo, and why the tiny recipe departs from the paper (`model.condition_concat`),
 
 - **Command**: `{command}` (written {time.strftime("%Y-%m-%d")}, {platform.machine()}, {os.cpu_count()} CPU cores)
 - **Config**: `config.yaml` here (the run's resolved config; recipe `experiments/tiny/multiview.yaml`)
-- **Data**: {manifest_count(data)} procedural objects, seed {data_cfg.procedural.seed}, the tiny data recipe
-  (`experiments/tiny/data.yaml`: {data_cfg.view_resolution} px views, {data_cfg.cond_samples} condition views per
-  object); their shard config is `{RUN_DATA_CONFIG}`. The last shard was held out for validation.
+- **Data**: {manifest_count(data)} procedural objects ({orientation}), seed {data_cfg.procedural.seed}, the tiny
+  data recipe (`experiments/tiny/data.yaml`: {data_cfg.view_resolution} px views, {data_cfg.cond_samples} condition
+  views per object); their shard config is `{RUN_DATA_CONFIG}`. The last shard was held out for validation.
 - **Seed**: run.seed {cfg.run.seed}, model.init_seed {cfg.model.init_seed}
 - **Steps**: {cfg.trainer.max_steps} optimizer steps at batch {cfg.data.batch_size} (VAE fit first:
   {cfg.train.vae_fit.steps} steps)

@@ -77,3 +77,7 @@ class LoaderConfig:
     background: str = "gray"  # background the RGBA views are composited on ("gray", "white", "random")
     view_resolution: int | None = None  # resize views on load (None = as stored)
     cond_resolution: int | None = None
+    # frame each condition view as the product frames its input images (its object's alpha box centred, the box's
+    # longer side this share of the view; data.framing) instead of as rendered; a pipeline built from the run frames
+    # its inputs at the same share (pipeline.build.condition_fill). None: as rendered.
+    cond_fill: float | None = None

@@ -269,6 +269,7 @@ class MultiViewDecoder:
     background: str = "gray"
     view_resolution: int | None = None
     cond_resolution: int | None = None
+    cond_fill: float | None = None
 
     def _args(self, sample: dict) -> tuple[int, str, torch.Generator | None]:
         gen = _stream(self.split, self.base_seed).torch if self.train else None
@@ -277,7 +278,7 @@ class MultiViewDecoder:
 
     def __call__(self, sample: dict) -> dict:
         k, background, gen = self._args(sample)
-        return decode_views(sample, k, background, gen, self.view_resolution, self.cond_resolution)
+        return decode_views(sample, k, background, gen, self.view_resolution, self.cond_resolution, self.cond_fill)
 
 
 @dataclass
@@ -286,7 +287,7 @@ class VolumeDecoder(MultiViewDecoder):
 
     def __call__(self, sample: dict) -> dict:
         k, background, gen = self._args(sample)
-        return decode_volumes(sample, k, background, gen, self.view_resolution, self.cond_resolution)
+        return decode_volumes(sample, k, background, gen, self.view_resolution, self.cond_resolution, self.cond_fill)
 
 
 # ---------------------------------------------------------------------------------------------------- data modules
@@ -297,6 +298,8 @@ class ShardDataModule(LightningDataModule, abc.ABC):
         super().__init__()
         if cfg.batch_size < 1 or cfg.num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {cfg.batch_size}, {cfg.num_workers}")
+        if cfg.cond_fill is not None and not 0.05 <= cfg.cond_fill <= 1.0:
+            raise ValueError(f"data.cond_fill={cfg.cond_fill} must lie in [0.05, 1] (or be null: as rendered)")
         if cfg.resampled and cfg.epoch_samples < cfg.batch_size:
             raise ValueError(f"epoch_samples ({cfg.epoch_samples}) is smaller than one batch ({cfg.batch_size})")
         self.cfg = cfg
@@ -397,7 +400,7 @@ class MultiViewDataModule(ShardDataModule):
 
     def sample_decoder(self, train: bool, split: int) -> MultiViewDecoder:
         c = self.cfg
-        return MultiViewDecoder(train, split, c.seed, c.background, c.view_resolution, c.cond_resolution)
+        return MultiViewDecoder(train, split, c.seed, c.background, c.view_resolution, c.cond_resolution, c.cond_fill)
 
 
 class VolumeDataModule(ShardDataModule):
@@ -405,4 +408,4 @@ class VolumeDataModule(ShardDataModule):
 
     def sample_decoder(self, train: bool, split: int) -> VolumeDecoder:
         c = self.cfg
-        return VolumeDecoder(train, split, c.seed, c.background, c.view_resolution, c.cond_resolution)
+        return VolumeDecoder(train, split, c.seed, c.background, c.view_resolution, c.cond_resolution, c.cond_fill)

@@ -27,6 +27,8 @@ from PIL import Image
 
 from one2345pp.cameras import GRID_COLS, GRID_ROWS, NUM_VIEWS, intrinsics, tile, untile
 
+from .framing import ALPHA_THRESHOLD, frame_object
+
 __all__ = [
     "CorruptSample",
     "background_level",
@@ -226,12 +228,28 @@ def _read_grid(sample: Mapping, k: int) -> np.ndarray:
     return grid
 
 
+def _framed_condition(sample: Mapping, k: int, fill: float) -> np.ndarray:
+    """Condition ``k`` framed as the product frames its input images (``data.framing.frame_object``), uint8 RGBA."""
+    rgba = read_rgba(sample, f"cond{k}.png").astype(np.float32) / 255.0
+    on = rgba[..., 3] > ALPHA_THRESHOLD / 255.0
+    if not on.any():
+        raise _corrupt(sample, f"cond{k}.png has no object pixel to frame (data.cond_fill={fill})")
+    framed = frame_object(rgba, on, rgba.shape[0], fill)
+    return np.uint8(np.round(framed * 255.0))
+
+
 def _common(
-    sample: Mapping, k: int, background: str | float, generator: torch.Generator | None, cond_resolution: int | None
+    sample: Mapping,
+    k: int,
+    background: str | float,
+    generator: torch.Generator | None,
+    cond_resolution: int | None,
+    cond_fill: float | None = None,
 ) -> tuple[dict, float, np.ndarray]:
     _check_condition(sample, k)
     level = background_level(background, generator)
-    cond_rgb, cond_alpha = composite(read_rgba(sample, f"cond{k}.png"), level)
+    cond = read_rgba(sample, f"cond{k}.png") if cond_fill is None else _framed_condition(sample, k, cond_fill)
+    cond_rgb, cond_alpha = composite(cond, level)
     out = {
         "__key__": sample.get("__key__"),
         "__url__": sample.get("__url__"),
@@ -250,14 +268,16 @@ def decode_views(
     generator: torch.Generator | None = None,
     view_resolution: int | None = None,
     cond_resolution: int | None = None,
+    cond_fill: float | None = None,
 ) -> dict:
     """Condition ``k`` of a raw sample for the multi-view stage.
 
     Returns ``cond`` [3, Hc, Wc] and ``cond_alpha`` [1, Hc, Wc], ``target`` [3, 3H, 2W] and ``target_alpha``
     [1, 3H, 2W] (the tiled six views), the cameras of :func:`decode_cameras` (``cond_*``, ``target_*``), the
-    background level and ``cond_index``. ``view_resolution`` / ``cond_resolution`` resize on load (None: as stored).
+    background level and ``cond_index``. ``view_resolution`` / ``cond_resolution`` resize on load (None: as stored);
+    ``cond_fill`` frames the condition view as the product frames its input (None: as rendered).
     """
-    out, level, grid = _common(sample, k, background, generator, cond_resolution)
+    out, level, grid = _common(sample, k, background, generator, cond_resolution, cond_fill)
     views_rgb, views_alpha = composite(untile(grid), level)  # [6, 3, H, W], [6, 1, H, W]
     views_rgb, views_alpha = _resize(views_rgb, view_resolution), _resize(views_alpha, view_resolution)
     out["target"], out["target_alpha"] = tile(views_rgb), tile(views_alpha)
@@ -276,14 +296,16 @@ def decode_volumes(
     generator: torch.Generator | None = None,
     view_resolution: int | None = None,
     cond_resolution: int | None = None,
+    cond_fill: float | None = None,
 ) -> dict:
     """Ground-truth volumes of a raw sample plus the six views of condition ``k`` that condition the 3D stages.
 
     Returns ``occ`` float32 [1, R, R, R] in {-1, +1}, ``fine_coords`` int32 [M, 3], ``fine_sdf`` float32 [M],
     ``fine_rgb`` float32 [M, 3] in [-1, 1], ``meta`` (dict), ``views`` [6, 3, H, W] / ``views_alpha`` [6, 1, H, W],
-    ``cond`` / ``cond_alpha`` and the cameras (``cond_*``, ``views_*``).
+    ``cond`` / ``cond_alpha`` (framed when ``cond_fill`` is given, as in :func:`decode_views`) and the cameras
+    (``cond_*``, ``views_*``).
     """
-    out, level, grid = _common(sample, k, background, generator, cond_resolution)
+    out, level, grid = _common(sample, k, background, generator, cond_resolution, cond_fill)
     views_rgb, views_alpha = composite(untile(grid), level)
     out["views"], out["views_alpha"] = _resize(views_rgb, view_resolution), _resize(views_alpha, view_resolution)
     out.update(_cameras_for(sample, k, out["cond"], out["views"], "views"))

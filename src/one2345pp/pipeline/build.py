@@ -76,6 +76,7 @@ class DataFacts:
     view_size: int
     cond_size: int
     background: str
+    cond_fill: float | None = None  # the run's data.cond_fill: its condition views were framed at this share
 
 
 def resolve_run(stage: str, path: str | os.PathLike) -> RunSource:
@@ -161,12 +162,16 @@ def data_facts(src: RunSource, overrides: dict) -> DataFacts:
         int(view),
         int(cond),
         str(loader.get("background", "gray")),
+        None if loader.get("cond_fill") is None else float(loader.get("cond_fill")),
     )
 
 
 def condition_fill(facts: DataFacts) -> float:
-    """The preprocessing fill ratio that frames an input image as the run's shards frame their condition views:
-    the default ratio at the framing distance, scaled by ``framing distance / distance`` for closer cameras."""
+    """The preprocessing fill ratio that frames an input image as the run's condition views were framed: the run's
+    ``data.cond_fill`` when it trained on framed conditions; else as the shards render them, the default ratio at the
+    framing distance, scaled by ``framing distance / distance`` for closer cameras."""
+    if facts.cond_fill is not None:
+        return float(facts.cond_fill)
     fill = PreprocessConfig().fill * framing_distance(get_layout(facts.layout).fov_deg, facts.extent) / facts.distance
     return round(min(1.0, fill), 4)
 
@@ -259,7 +264,7 @@ def build_pipeline(
     try:
         parts = {name: _load_stage(src, scratch) for name, src in sources.items()}
         tex = load_texture(texture, scratch)
-        f = facts[1]  # the coarse run's data (all agree)
+        f, mv = facts[1], facts[0]  # the coarse run's data (all agree on the cameras); the multi-view run's framing
         derived = {
             "layout": f.layout,
             "distance": f.distance_setting,
@@ -267,7 +272,7 @@ def build_pipeline(
             "view_size": f.view_size,
             "coarse_steps": parts["coarse"].cfg.diffusion.sample_steps,
             "fine_steps": parts["fine"].cfg.diffusion.sample_steps,
-            "preprocess": {"size": f.cond_size, "fill": condition_fill(f)},
+            "preprocess": {"size": mv.cond_size, "fill": condition_fill(mv)},
         }
         merged = OmegaConf.merge(OmegaConf.structured(PipelineSettings), derived, given)
         settings = settings_from_dict(OmegaConf.to_container(merged), "pipeline settings")

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from one2345pp.data.framing import ALPHA_THRESHOLD, frame_object
+
 MODES = ("1", "RGB", "RGBA", "L", "LA", "P", "PA", "I;16", "I", "F", "CMYK", "YCbCr")
 REMOVERS = ("auto", "rembg", "plain")
 
@@ -43,7 +45,7 @@ class PreprocessConfig:
     background: float = 0.5  # gray level of the output background
     background_removal: str = "auto"  # "auto" (rembg if usable, else plain), "rembg", "plain"
     rembg_model: str = "u2net"  # rembg session name; its weights must be in rembg's local model folder (U2NET_HOME)
-    alpha_threshold: int = 8  # alpha at or below this is background (0..255)
+    alpha_threshold: int = ALPHA_THRESHOLD  # alpha at or below this is background (0..255)
     plain_threshold: float = 0.12  # colour distance (0..sqrt(3)) from the background colour that counts as object
     plain_tolerance: float = 0.06  # largest allowed spread (std per channel) of the border for a "plain" background
     min_pixels: int = 16  # fewer foreground pixels than this is an empty image
@@ -150,26 +152,10 @@ def foreground_alpha(rgba: np.ndarray, has_alpha: bool, cfg: PreprocessConfig, s
 
 def frame(rgba: np.ndarray, cfg: PreprocessConfig, source: str) -> np.ndarray:
     """Centre the object's alpha box and scale its longer side to ``cfg.fill`` of a ``cfg.size`` square (RGBA)."""
-    alpha = rgba[..., 3]
-    on = alpha > cfg.alpha_threshold / 255.0
+    on = rgba[..., 3] > cfg.alpha_threshold / 255.0
     if on.sum() < cfg.min_pixels:
         raise ImageError(source, f"no object: {int(on.sum())} pixels are not transparent/background")
-    ys, xs = np.nonzero(on)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    crop = rgba[y0:y1, x0:x1].copy()
-    crop[..., :3] *= crop[..., 3:]  # premultiply so resampling does not bleed background colour
-    side = max(y1 - y0, x1 - x0)
-    target = max(1, round(cfg.fill * cfg.size))
-    scale = target / side
-    h, w = max(1, round((y1 - y0) * scale)), max(1, round((x1 - x0) * scale))
-    channels = [Image.fromarray(crop[..., c].astype(np.float32), "F").resize((w, h), Image.LANCZOS) for c in range(4)]
-    small = np.clip(np.stack([np.asarray(c) for c in channels], -1), 0.0, 1.0)
-    out = np.zeros((cfg.size, cfg.size, 4), np.float32)
-    top, left = (cfg.size - h) // 2, (cfg.size - w) // 2
-    out[top : top + h, left : left + w] = small
-    a = out[..., 3:]
-    out[..., :3] = np.where(a > 1e-6, out[..., :3] / np.maximum(a, 1e-6), 0.0)
-    return np.clip(out, 0.0, 1.0)
+    return frame_object(rgba, on, cfg.size, cfg.fill)
 
 
 def preprocess_image(image: str | os.PathLike | Image.Image, cfg: PreprocessConfig | None = None):
