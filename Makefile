@@ -177,7 +177,7 @@ ship-multiview: $(STAMP) ## retrain the shipped tiny multi-view model -> checkpo
 	$(MAKE) --no-print-directory bench-multiview-follow PIPELINE=$$run/export ARGS= || exit 1; \
 	$(PY) tools/ship_run.py --run $$run --data $(SHIP_DATA) --bench $(FOLLOW_OUT)/follow.json \
 		--train-seconds $$seconds --out $(SHIPPED_MULTIVIEW) \
-		--command "make ship-multiview SHIP_N=$(SHIP_N) SHIP_STEPS=$(SHIP_STEPS) $(ARGS)"
+		--command "make ship-multiview SHIP_N=$(SHIP_N) SHIP_STEPS=$(SHIP_STEPS)$(if $(ARGS), ARGS='$(ARGS)',)"
 
 bench-pipeline: $(STAMP) ## seconds per stage for one image: the demo's tiny pipeline (CPU), full preset (CUDA)
 	$(PY) benchmarks/bench_pipeline.py $(ARGS)

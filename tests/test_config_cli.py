@@ -26,6 +26,7 @@ def test_file_then_overrides_then_saved(tmp_path):
         "data.cond_samples",
         "data.cond_resolution",
         "data.distance",
+        "data.procedural.orientation",
         "data.procedural.texture_resolution",
         "data.render.supersample",
         "data.view_resolution",

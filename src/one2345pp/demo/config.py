@@ -48,8 +48,9 @@ def _stage(name: str, max_steps: int | None, *overrides: str) -> DemoStageConfig
 @dataclass
 class DemoTrainConfig:
     order: list[str] = field(default_factory=lambda: ["coarse", "multiview", "fine", "texture"])  # start order
-    # the shipped tiny multi-view model (checkpoints/tiny/multiview/MODEL_CARD.md, 4000 steps on 1024 objects): 400
-    # steps on the demo's 28 objects follow the input less well (val/cond_gain 0.20 vs 0.49, eval F 0.667 vs 0.707)
+    # the shipped tiny multi-view model (checkpoints/tiny/multiview/MODEL_CARD.md, 8000 steps on 1024 objects): 400
+    # steps on the demo's 28 objects follow the input less well (measured with the model shipped before it, 4000
+    # steps: val/cond_gain 0.20 vs 0.49, eval F 0.667 vs 0.707)
     multiview: DemoStageConfig = field(
         default_factory=lambda: DemoStageConfig(
             "experiments/tiny/multiview.yaml", 400, [], pretrained=SHIPPED_MULTIVIEW
