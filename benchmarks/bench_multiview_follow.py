@@ -290,11 +290,15 @@ def reference_attention_share(pipe, cond: torch.Tensor, grids: torch.Tensor, t_v
 
 
 @torch.no_grad()
+def vae_roundtrip(vae, grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grids in [0, 1] through the VAE (posterior mean, the diffusion's image scaling): (decoded grids, latents)."""
+    z = vae.encode(scale_image(grids * 2.0 - 1.0)).latent_dist.mode()
+    return ((unscale_image(vae.decode(z).sample) + 1.0) / 2.0).clamp(0, 1), z
+
+
 def vae_retention(pipe, grids: torch.Tensor) -> dict:
-    """The ground-truth grids through the VAE (posterior mean, the diffusion's image scaling): PSNR, silhouette IoU."""
-    x = scale_image(grids * 2.0 - 1.0)
-    z = pipe.vae.encode(x).latent_dist.mode()
-    rec = ((unscale_image(pipe.vae.decode(z).sample) + 1.0) / 2.0).clamp(0, 1)
+    """The ground-truth grids through the VAE: PSNR, silhouette IoU."""
+    rec, z = vae_roundtrip(pipe.vae, grids)
     psnr, iou = view_scores(rec, grids)
     return {"latent_shape": list(z.shape[1:]), "psnr": float(psnr.mean()), "mask_iou": float(iou.mean())}
 

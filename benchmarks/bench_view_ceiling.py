@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_multiview_follow import silhouette, view_scores
+from bench_multiview_follow import silhouette, vae_roundtrip, view_scores
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -54,7 +54,7 @@ from one2345pp.data.procedural import OBJECT_AXIS_SCALE, ORIENTATIONS, PART_AXIS
 from one2345pp.data.sample import camera_distance, object_rng, sample_cameras
 from one2345pp.geometry.mesh import Mesh
 from one2345pp.geometry.mesh_io import normalize
-from one2345pp.models.multiview_pipeline import GRAY, MultiViewDiffusionPipeline, scale_image, unscale_image
+from one2345pp.models.multiview_pipeline import GRAY, MultiViewDiffusionPipeline
 from one2345pp.pipeline.build import DataFacts, condition_fill
 from one2345pp.pipeline.preprocess import PreprocessConfig, preprocess_image
 from one2345pp.rendering.base import Light, light_from_config
@@ -79,12 +79,17 @@ def prior_stretch(rng: np.random.Generator) -> float:
     return float(draws[1] / draws[0])
 
 
+def linear_copy(mesh: Mesh, matrix: np.ndarray) -> Mesh:
+    """A copy of ``mesh`` with every vertex ``v`` moved to ``matrix @ v``."""
+    copy = mesh.transformed(1.0, np.zeros(3))
+    copy.vertices = mesh.vertices @ matrix.T
+    return copy
+
+
 def stretched_copy(mesh: Mesh, axis: np.ndarray, factor: float, extent: float) -> Mesh:
     """``mesh`` scaled by ``factor`` along the unit ``axis`` through the origin, then normalised to ``extent``."""
-    copy = mesh.transformed(1.0, np.zeros(3))
-    along = mesh.vertices @ axis
-    copy.vertices = mesh.vertices + (factor - 1.0) * along[:, None] * axis[None]
-    return normalize(copy, extent)[0]
+    stretch = np.eye(3) + (factor - 1.0) * np.outer(axis, axis)
+    return normalize(linear_copy(mesh, stretch), extent)[0]
 
 
 def render_grid(renderer, mesh: Mesh, views, light) -> torch.Tensor:
@@ -99,10 +104,8 @@ def framed_condition(renderer, mesh: Mesh, camera, light, fill: float) -> torch.
     return torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
 
 
-@torch.no_grad()
 def through_vae(vae, grids: torch.Tensor) -> torch.Tensor:
-    z = vae.encode(scale_image(grids * 2.0 - 1.0)).latent_dist.mode()
-    return ((unscale_image(vae.decode(z).sample) + 1.0) / 2.0).clamp(0, 1)
+    return vae_roundtrip(vae, grids)[0]
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,10 +131,8 @@ def turned_world(mesh: Mesh, light: Light, cond: Camera, elevation_deg: float) -
     """The object and its light turned so that a condition camera at ``elevation_deg`` (same azimuth) sees what
     ``cond`` saw."""
     rot = elevation_turn(cond.azimuth_deg, cond.elevation_deg, elevation_deg)
-    turned = mesh.transformed(1.0, np.zeros(3))
-    turned.vertices = mesh.vertices @ rot.T
     return (
-        turned,
+        linear_copy(mesh, rot),
         Light(rot @ light.direction, light.ambient, light.diffuse),
         replace(cond, elevation_deg=elevation_deg),
     )

@@ -57,16 +57,10 @@ class TargetLatentCache:
         """Mean and log-variance of each grid's posterior ``[B, 2C, h, w]``, encoding only the grids not kept."""
         keys = [_digest(x) for x in images]
         missing = [i for i, k in enumerate(keys) if k not in self._store]
-        fresh = target_posterior(vae, images[missing]).parameters if missing else None
+        fresh = dict(zip(missing, target_posterior(vae, images[missing]).parameters, strict=True)) if missing else {}
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        rows, new = [], dict(zip(missing, range(len(missing)), strict=True))
-        for i, key in enumerate(keys):
-            if i in new:
-                row = fresh[new[i]]
-                if len(self._store) < self.capacity:
-                    self._store[key] = row.clone()
-            else:
-                row = self._store[key].to(images.device)
-            rows.append(row)
-        return torch.stack(rows)
+        for i, row in fresh.items():
+            if len(self._store) < self.capacity:
+                self._store[keys[i]] = row.clone()
+        return torch.stack([fresh[i] if i in fresh else self._store[k].to(images.device) for i, k in enumerate(keys)])
