@@ -51,11 +51,11 @@ from one2345pp.config import to_object
 from one2345pp.data.config import DataConfig
 from one2345pp.data.decode import composite
 from one2345pp.data.procedural import OBJECT_AXIS_SCALE, ORIENTATIONS, PART_AXIS_SCALE, generate_object
-from one2345pp.data.sample import camera_distance, object_rng, sample_cameras
+from one2345pp.data.sample import object_rng, sample_cameras
 from one2345pp.geometry.mesh import Mesh
 from one2345pp.geometry.mesh_io import normalize
 from one2345pp.models.multiview_pipeline import GRAY, MultiViewDiffusionPipeline
-from one2345pp.pipeline.build import DataFacts, condition_fill
+from one2345pp.pipeline.build import condition_fill, facts_of_data
 from one2345pp.pipeline.preprocess import PreprocessConfig, preprocess_image
 from one2345pp.rendering.base import Light, light_from_config
 from one2345pp.rendering.raycast import RaycastRenderer
@@ -159,17 +159,7 @@ def alternative(kind: str, mesh: Mesh, light: Light, cond: Camera, cfg: DataConf
 
 def measure(cfg: DataConfig, objects: int, draws: int, vae, rng_seed: int = 0) -> dict:
     renderer = RaycastRenderer(cfg.render)
-    facts = DataFacts(
-        stage="multiview",
-        source="bench_view_ceiling",
-        layout=cfg.layout,
-        distance=camera_distance(cfg),
-        distance_setting=cfg.distance,
-        extent=cfg.normalize_extent,
-        view_size=cfg.view_resolution,
-        cond_size=cfg.cond_resolution,
-        background="gray",
-    )
+    facts = facts_of_data("multiview", "bench_view_ceiling", cfg)
     fill = condition_fill(facts)  # the product's framing of an input for a run trained on this data
     rng = np.random.default_rng(rng_seed)
     truth, families = [], []

@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -41,6 +41,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ..cameras import framing_distance, get_layout
 from ..config import ConfigError, load_config, parse_overrides, to_object
 from ..data.config import DataConfig
+from ..data.sample import camera_distance
 from ..models.multiview_builders import MultiViewModelConfig
 from ..registry import PIPELINE_STAGES, component_class, export_marker, has_export, stage_module
 from ..texture.settings import SETTINGS_FILE, TextureSettings, load_settings
@@ -132,37 +133,47 @@ def data_facts(src: RunSource, overrides: dict) -> DataFacts:
             )
         except OmegaConfBaseException as exc:
             raise ValueError(f"{shards_cfg}: not a data config of `one2345pp data build` ({exc})") from exc
-        layout, distance, extent, source = data.layout, data.distance, data.normalize_extent, str(shards_cfg)
-        view, cond = data.view_resolution, data.cond_resolution
     elif all(k in overrides for k in DATA_FACTS):
-        layout, distance, extent, source = overrides["layout"], overrides["distance"], overrides["extent"], "overrides"
-        view = cond = None
+        # the image sizes are unknown without the shards (0): the run's loader settings must give them
+        data = DataConfig(
+            layout=overrides["layout"],
+            distance=overrides["distance"],
+            normalize_extent=float(overrides["extent"]),
+            view_resolution=0,
+            cond_resolution=0,
+        )
+        shards_cfg = "overrides"
     else:
         raise FileNotFoundError(
             f"--{src.stage} {src.given}: the {src.stage} run trained on data.train_shards={loader.train_shards!r}, "
             f"whose data config {shards_cfg} is not here; run the export where the shards are, or give the camera "
             "facts as overrides: layout=NAME extent=X distance=D|null"
         )
-    view = loader.get("view_resolution") or view
-    cond = loader.get("cond_resolution") or cond
-    if view is None or cond is None:
+    view = loader.get("view_resolution") or data.view_resolution
+    cond = loader.get("cond_resolution") or data.cond_resolution
+    if not view or not cond:
         raise ValueError(
             f"--{src.stage} {src.given}: the run's data.view_resolution / data.cond_resolution are not set and its "
             "shards' data config is not here, so the image sizes it trained on are unknown"
         )
-    fov = get_layout(layout).fov_deg
-    resolved = float(distance) if distance is not None else framing_distance(fov, float(extent))
+    facts = facts_of_data(src.stage, str(shards_cfg), data, loader.get("cond_fill"))
+    return replace(facts, view_size=int(view), cond_size=int(cond), background=str(loader.get("background", "gray")))
+
+
+def facts_of_data(stage: str, source: str, data: DataConfig, cond_fill: float | None = None) -> DataFacts:
+    """The facts of the images ``data`` renders (gray background, its own sizes), for a loader that frames the
+    condition views at ``cond_fill`` (None: as rendered)."""
     return DataFacts(
-        src.stage,
+        stage,
         source,
-        str(layout),
-        resolved,
-        None if distance is None else float(distance),
-        float(extent),
-        int(view),
-        int(cond),
-        str(loader.get("background", "gray")),
-        None if loader.get("cond_fill") is None else float(loader.get("cond_fill")),
+        str(data.layout),
+        camera_distance(data),
+        None if data.distance is None else float(data.distance),
+        float(data.normalize_extent),
+        int(data.view_resolution),
+        int(data.cond_resolution),
+        "gray",
+        None if cond_fill is None else float(cond_fill),
     )
 
 
