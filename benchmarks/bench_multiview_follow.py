@@ -1,13 +1,13 @@
 """Does the multi-view stage follow its input? Scores an exported multi-view pipeline on held-out objects.
 
     .venv/bin/python benchmarks/bench_multiview_follow.py --pipeline RUN/export --shards data/heldout/shard-*.tar
-        [--limit 16] [--steps 28] [--guidance G] [--sampler euler_a|ddim] [--raw-condition] [--diagnose] [--out DIR]
+        [--limit 16] [--steps N] [--guidance G] [--sampler euler_a|ddim] [--raw-condition] [--diagnose] [--out DIR]
 
 The held-out shards are built by ``one2345pp data build`` from a procedural seed the model never trained on (``make
 bench-multiview-follow`` builds 16 objects of seed 3000 with the tiny data recipe). Each object's condition view goes
 through the product's own input path (``pipeline.preprocess``: framing, gray background) and the pipeline's default
-sampling (28 Euler-ancestral steps, the folder's own ``guidance_scale``); the generated 3x2 grid is compared, at the
-pipeline's view size on gray, with the object's ground-truth grid:
+sampling (Euler-ancestral, the folder's own ``num_inference_steps`` and ``guidance_scale``); the generated 3x2 grid
+is compared, at the pipeline's view size on gray, with the object's ground-truth grid:
 
 * ``identification``: share of objects whose generated grid is nearer (mean squared error) to their own ground-truth
   grid than to any other held-out object's;
@@ -332,7 +332,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--pipeline", required=True, help="exported multi-view pipeline folder")
     ap.add_argument("--shards", nargs="+", required=True, help="held-out shard paths or glob patterns")
     ap.add_argument("--limit", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--steps", type=int, default=None, help="default: the pipeline folder's own")
     ap.add_argument("--guidance", type=float, default=None, help="default: the pipeline folder's own")
     ap.add_argument("--sampler", default="euler_a", help="euler_a (the pipeline's default) or ddim")
     ap.add_argument("--seed", type=int, default=0)
@@ -360,9 +360,10 @@ def main(argv=None) -> dict:
     cond = condition_images(samples, int(pipe.config.cond_size), fill, raw=args.raw_condition)
     truth = torch.stack([s["grid"] for s in samples]).float()
     guidance = args.guidance if args.guidance is not None else float(pipe.config.get("guidance_scale", 4.0))
+    steps = args.steps if args.steps is not None else int(pipe.config.get("num_inference_steps", 28))
     out = pipe(
         cond,
-        num_inference_steps=args.steps,
+        num_inference_steps=steps,
         guidance_scale=guidance,
         sampler=args.sampler,
         generator=torch.Generator().manual_seed(args.seed),
@@ -378,7 +379,7 @@ def main(argv=None) -> dict:
         "pipeline": str(args.pipeline),
         "heldout_seed": heldout_seed(args.shards),
         "framing": framing,
-        "sampling": {"steps": args.steps, "guidance": guidance, "sampler": args.sampler},
+        "sampling": {"steps": steps, "guidance": guidance, "sampler": args.sampler},
         **follow_metrics(generated, truth),
     }
     gamma = args.gamma if args.gamma > 0 else None

@@ -648,13 +648,14 @@ def test_condition_concat_hands_the_condition_to_every_tile_and_travels_with_the
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.condition_concat is True
     assert pipe.config.guidance_scale == m.cfg.val.guidance_scale == 2.0  # the tiny recipe's, the call's default
-    plain = {"num_inference_steps": 2, "output_type": "pt"}
+    assert pipe.config.num_inference_steps == m.cfg.val.num_inference_steps == 2  # the run's, the call's default
+    own = pipe(cond[0], generator=torch.Generator().manual_seed(1), output_type="pt").grid
+    explicit = {"num_inference_steps": 2, "guidance_scale": 2.0, "output_type": "pt"}
     torch.testing.assert_close(
-        pipe(cond[0], generator=torch.Generator().manual_seed(1), **plain).grid,
-        pipe(cond[0], generator=torch.Generator().manual_seed(1), guidance_scale=2.0, **plain).grid,
-        rtol=0,
-        atol=0,
+        own, pipe(cond[0], generator=torch.Generator().manual_seed(1), **explicit).grid, rtol=0, atol=0
     )
+    three = pipe(cond[0], generator=torch.Generator().manual_seed(1), num_inference_steps=3, output_type="pt").grid
+    assert (own - three).abs().max() > 1e-4  # the step count is not ignored
     torch.testing.assert_close(
         pipe(cond[0], generator=torch.Generator().manual_seed(1), **kw).grid, a, atol=1e-4, rtol=0
     )

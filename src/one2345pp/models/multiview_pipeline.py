@@ -437,6 +437,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         cond_size: int = 320,
         condition_concat: bool = False,
         guidance_scale: float = 4.0,
+        num_inference_steps: int = 28,
     ):
         super().__init__()
         install_reference_attention(unet)
@@ -448,9 +449,14 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
             feature_extractor=feature_extractor,
             conditioner=conditioner,
         )
-        # guidance_scale: the default of __call__, the value the model was validated with (the method's 4)
+        # guidance_scale, num_inference_steps: the defaults of __call__, the sampling the model was validated with
+        # (the method's 4; the published pipeline's 28 steps)
         self.register_to_config(
-            view_size=view_size, cond_size=cond_size, condition_concat=condition_concat, guidance_scale=guidance_scale
+            view_size=view_size,
+            cond_size=cond_size,
+            condition_concat=condition_concat,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
         )
 
     @torch.no_grad()
@@ -480,7 +486,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
     def __call__(
         self,
         image,
-        num_inference_steps: int = 28,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         sampler: str = "euler_a",
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -494,10 +500,13 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         reference image is resized to (the CLIP input is made from the original); ``sampler``: ``"euler_a"``
         (Euler-ancestral) or ``"ddim"``, over the stored scheduler's config (trailing spacing where this project wrote
         it); ``guidance_scale``: None takes the folder's ``guidance_scale`` (the scale it was validated with, 4 unless
-        its training set another), <= 1 turns classifier-free guidance off; ``output_type``: ``"pil"`` or ``"pt"``.
+        its training set another), <= 1 turns classifier-free guidance off; ``num_inference_steps``: None takes the
+        folder's (28 unless its training validated another); ``output_type``: ``"pil"`` or ``"pt"``.
         """
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        if num_inference_steps is None:
+            num_inference_steps = int(self.config.get("num_inference_steps", 28))
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         view_size = int(view_size or self.config.view_size)

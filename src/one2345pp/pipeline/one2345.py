@@ -75,7 +75,7 @@ class PipelineSettings:
     distance: float | None = None  # camera distance; None: the framing distance of the layout's FoV
     extent: float = 0.9  # longest side of the normalised objects (data.normalize_extent)
     view_size: int | None = None  # pixels per generated view; None: the multi-view stage's trained size
-    num_inference_steps: int = 28
+    num_inference_steps: int | None = None  # None: the multi-view model's own (its folder's num_inference_steps)
     guidance_scale: float | None = None  # None: the multi-view model's own default (its folder's guidance_scale)
     sampler: str = "euler_a"  # "euler_a" or "ddim"
     coarse_steps: int = 50
@@ -98,7 +98,7 @@ class PipelineSettings:
         if self.view_size is not None and self.view_size < 8:
             problems.append(f"view_size={self.view_size} (must be >= 8 or null)")
         for key in ("num_inference_steps", "coarse_steps", "fine_steps"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 problems.append(f"{key}={getattr(self, key)} (must be >= 1)")
         if self.sampler not in SAMPLERS:
             problems.append(f"sampler={self.sampler!r} (choose {', '.join(SAMPLERS)})")
@@ -360,9 +360,10 @@ class One2345PPPipeline:
             return default if value is None else value
 
         mv_guidance = pick(s.guidance_scale, self.multiview.config.get("guidance_scale", 4.0))
+        mv_steps = pick(s.num_inference_steps, self.multiview.config.get("num_inference_steps", 28))
         run = {
             "seed": int(given["seed"]),
-            "num_inference_steps": int(pick(given["num_inference_steps"], s.num_inference_steps)),
+            "num_inference_steps": int(pick(given["num_inference_steps"], mv_steps)),
             "guidance_scale": float(pick(given["guidance_scale"], mv_guidance)),
             "sampler": pick(given["sampler"], s.sampler),
             "coarse_steps": int(pick(given["coarse_steps"], s.coarse_steps)),

@@ -115,7 +115,7 @@ def _multiview_ema() -> EMAConfig:
 @dataclass
 class ValConfig:
     num_images: int = 4  # conditions of the first validation batch sampled at each validation (0: none)
-    num_inference_steps: int = 28
+    num_inference_steps: int = 28  # also the exported pipeline's default
     guidance_scale: float = 4.0  # also the exported pipeline's default guidance
     sampler: str = "euler_a"  # "euler_a" or "ddim"
     seed: int = 0
@@ -469,7 +469,8 @@ class MultiViewStage(Stage):
             view_size=self.cfg.model.view_size,
             cond_size=self.cfg.model.cond_size,
             condition_concat=self.cfg.model.condition_concat,
-            guidance_scale=self.cfg.val.guidance_scale,  # the export's default guidance
+            guidance_scale=self.cfg.val.guidance_scale,  # the export's default guidance and steps
+            num_inference_steps=self.cfg.val.num_inference_steps,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
