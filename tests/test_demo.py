@@ -27,7 +27,7 @@ data:
   sheet_objects: 2
   overrides: [data.view_resolution=32, data.cond_resolution=32, data.cond_samples=2, data.render.supersample=1,
               data.volume.coarse_resolution=8, data.procedural.texture_resolution=32,
-              "data.procedural.families=[sphere,box]", data.shards.max_samples=2]
+              "data.procedural.families=[sphere,box]", data.procedural.orientation=upright, data.shards.max_samples=2]
 images:
   num_images: 1
 train:
@@ -180,6 +180,20 @@ def test_demo_writes_the_pipeline_meshes_metrics_and_an_index_of_existing_files(
 
 
 @pytest.mark.slow
+def test_the_eval_draws_held_out_objects_of_the_training_recipe(demo):
+    """`eval --dataset procedural` in the demo generates objects of the kind the stages trained on (families,
+    orientation, parts, textures, file formats), from another seed."""
+    from omegaconf import OmegaConf
+
+    _, out, _ = demo
+    trained = OmegaConf.load(out / "data" / "config.yaml").data.procedural
+    evaluated = OmegaConf.load(out / "eval" / "eval_config.yaml").config.procedural
+    assert trained.orientation == "upright" and list(trained.families) == ["sphere", "box"]  # the test's recipe
+    for key in ("families", "orientation", "min_parts", "max_parts", "texture_resolution", "file_formats"):
+        assert evaluated[key] == trained[key], key
+    assert evaluated.seed != trained.seed
+
+
 def test_rerun_skips_finished_steps(demo):
     import io
 

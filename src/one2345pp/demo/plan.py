@@ -3,11 +3,15 @@ package's own command line, one subprocess each) or inline callables; :mod:`one2
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from ..config import load_config, to_object
+from ..data.config import DataBuildConfig
 from ..data.contact_sheet import write_contact_sheet
 from ..pipeline.build import resolve_run
 from ..utils.atomic import atomic_folder
@@ -180,11 +184,22 @@ def infer_task(cfg: DemoConfig, out: Path, inputs: list[dict], threads: int) -> 
     return Task("infer", argv, outputs, lambda: infer_summary(out / "infer"), ("export", "heldout-images"), threads)
 
 
+def recipe_overrides(cfg: DemoConfig) -> list[str]:
+    """The training objects' recipe, all but its seed, as ``eval`` overrides: the eval's held-out objects are then of
+    the kind the stages trained on (upright when the training objects are), drawn from the eval's own seed."""
+    procedural = to_object(load_config(DataBuildConfig, cfg.data.config, cfg.data.overrides)).data.procedural
+    return [
+        f"procedural.{f.name}={json.dumps(getattr(procedural, f.name))}"
+        for f in dataclasses.fields(procedural)
+        if f.name != "seed"
+    ]
+
+
 def eval_task(cfg: DemoConfig, out: Path, threads: int) -> Task:
     argv = [*cli(), "eval", "--dataset", "procedural", "--pipeline", str(out / "pipeline")]
     argv += ["--out", str(out / "eval"), "--limit", str(cfg.eval.num_objects)]
     argv += ["--config", cfg.eval.config] if cfg.eval.config else []
-    argv += [f"procedural.num_objects={cfg.eval.num_objects}", *cfg.eval.overrides]
+    argv += [*recipe_overrides(cfg), f"procedural.num_objects={cfg.eval.num_objects}", *cfg.eval.overrides]
     outputs = [f"eval/{f}" for f in EVAL_FILES]
     return Task("eval", argv, outputs, lambda: eval_summary(out / "eval"), ("export",), threads)
 
