@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, load_config, to_object
+from ..data.config import DataBuildConfig
 from ..pipeline.build import resolve_run
 from ..registry import STAGES
 
@@ -48,7 +49,7 @@ def _stage(name: str, max_steps: int | None, *overrides: str) -> DemoStageConfig
 @dataclass
 class DemoTrainConfig:
     order: list[str] = field(default_factory=lambda: ["coarse", "multiview", "fine", "texture"])  # start order
-    # the shipped tiny multi-view model (checkpoints/tiny/multiview/MODEL_CARD.md, 8000 steps on 1024 objects): 400
+    # the shipped tiny multi-view model (checkpoints/tiny/multiview/MODEL_CARD.md, 12000 steps on 1024 objects): 400
     # steps on the demo's 28 objects follow the input less well (measured with the model shipped before it, 4000
     # steps: val/cond_gain 0.20 vs 0.49, eval F 0.667 vs 0.707)
     multiview: DemoStageConfig = field(
@@ -180,3 +181,8 @@ def load_demo_config(config_path=None, overrides=()) -> tuple[object, DemoConfig
     conf = to_object(cfg)
     check_config(conf)
     return cfg, conf
+
+
+def data_build_config(cfg: DemoConfig) -> DataBuildConfig:
+    """The data recipe the demo builds its objects with: ``data.config`` <- ``data.overrides`` (ConfigError: bad)."""
+    return to_object(load_config(DataBuildConfig, cfg.data.config, cfg.data.overrides))

@@ -10,12 +10,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..config import load_config, to_object
-from ..data.config import DataBuildConfig
 from ..data.contact_sheet import write_contact_sheet
 from ..pipeline.build import resolve_run
 from ..utils.atomic import atomic_folder
-from .config import STAGE_NAMES, DemoConfig, DemoStageConfig
+from .config import STAGE_NAMES, DemoConfig, DemoStageConfig, data_build_config
 from .heldout import FOLDER as HELDOUT
 from .heldout import INDEX as HELDOUT_INDEX
 from .heldout import SHARDS as HELDOUT_SHARDS
@@ -187,7 +185,7 @@ def infer_task(cfg: DemoConfig, out: Path, inputs: list[dict], threads: int) -> 
 def recipe_overrides(cfg: DemoConfig) -> list[str]:
     """The training objects' recipe, all but its seed, as ``eval`` overrides: the eval's held-out objects are then of
     the kind the stages trained on (upright when the training objects are), drawn from the eval's own seed."""
-    procedural = to_object(load_config(DataBuildConfig, cfg.data.config, cfg.data.overrides)).data.procedural
+    procedural = data_build_config(cfg).data.procedural
     return [
         f"procedural.{f.name}={json.dumps(getattr(procedural, f.name))}"
         for f in dataclasses.fields(procedural)

@@ -9,9 +9,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ..config import check_or_save_config, load_config, to_object
-from ..data.config import DataBuildConfig
-from .config import RUN_ONLY_KEYS, DemoConfig, load_demo_config
+from ..config import check_or_save_config
+from .config import RUN_ONLY_KEYS, DemoConfig, data_build_config, load_demo_config
 from .heldout import FOLDER as HELDOUT
 from .heldout import INDEX as HELDOUT_INDEX
 from .plan import (
@@ -133,7 +132,7 @@ def run_demo(out, config_path=None, overrides=(), force: bool = False, stream=No
     started = time.perf_counter()
     # 1. check the settings (the data keys too) and the folder, before any work
     cfg_node, cfg = load_demo_config(config_path, overrides)
-    to_object(load_config(DataBuildConfig, cfg.data.config, cfg.data.overrides))
+    data_build_config(cfg)
     out, console = Path(out), Console(stream)
     prepare_folder(out, cfg_node, force, console)
     state = start_run(out, cfg, console)
