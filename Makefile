@@ -33,8 +33,8 @@ PIPELINE    ?=
 EVAL_OUT    ?= outputs/eval-gso
 # the shipped tiny multi-view model (make ship-multiview) and the held-out objects it is measured on
 SHIPPED_MULTIVIEW ?= checkpoints/tiny/multiview
-SHIP_N      ?= 1024
-SHIP_STEPS  ?= 4000
+SHIP_N      ?= 8192
+SHIP_STEPS  ?= 12000
 SHIP_DATA   ?= data/ship-multiview
 FOLLOW_SEED ?= 3000
 FOLLOW_DATA ?= data/heldout-follow

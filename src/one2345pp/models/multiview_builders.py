@@ -89,6 +89,9 @@ class MultiViewModelConfig:
     # Widths of the random preset's UNet levels (its ``block_out_channels``); null keeps the preset's. Only for
     # random initialisation: a pretrained folder's UNet has its own.
     unet_channels: list[int] | None = None
+    # Latent channels of the random preset's VAE (the UNet's input and output follow); null keeps the preset's 4.
+    # Only for random initialisation: a pretrained folder's VAE has its own.
+    latent_channels: int | None = None
 
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -323,10 +326,12 @@ def random_components(
     device: str | torch.device = "cpu",
     condition_concat: bool = False,
     unet_channels: list[int] | tuple[int, ...] | None = None,
+    latent_channels: int | None = None,
 ) -> MultiViewComponents:
     """Every component at random from a preset, drawn from ``seed`` (global RNG state left untouched);
     ``condition_concat`` doubles the UNet's input channels for the concatenated condition; ``unet_channels``
-    replaces the preset UNet's level widths.
+    replaces the preset UNet's level widths, ``latent_channels`` the VAE's latent channels (the UNet's input and
+    output follow).
 
     ``device``: where the networks are built and initialised (``"cuda"`` skips the slow CPU initialisation of the
     full preset; the draws then come from the CUDA generator, so the weights differ from a CPU build).
@@ -336,10 +341,12 @@ def random_components(
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []  # manual_seed seeds them
     with torch.random.fork_rng(devices=cuda), device:
         torch.manual_seed(seed)
-        vae = AutoencoderKL(**p["vae"])
+        vae = AutoencoderKL(**_vae_config(p["vae"], latent_channels))
         latent = vae.config.latent_channels
         unet = UNet2DConditionModel(
-            **_unet_config(p["unet"], unet_channels), in_channels=latent * (2 if condition_concat else 1)
+            **_unet_config(p["unet"], unet_channels),
+            in_channels=latent * (2 if condition_concat else 1),
+            out_channels=latent,
         )
         image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**p["image_encoder"]))
         text_cfg = CLIPTextConfig(**p["text_encoder"])
@@ -420,6 +427,14 @@ def _unet_config(preset_unet: dict, channels: list[int] | tuple[int, ...] | None
     return {**preset_unet, "block_out_channels": tuple(int(c) for c in channels)}
 
 
+def _vae_config(preset_vae: dict, latent_channels: int | None) -> dict:
+    if latent_channels is None:
+        return preset_vae
+    if int(latent_channels) < 1:
+        raise ValueError(f"model.latent_channels={latent_channels} must be a positive number of channels")
+    return {**preset_vae, "latent_channels": int(latent_channels)}
+
+
 def _image_encoder(source: str, subfolder: str | None) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
     kw = {"subfolder": subfolder} if subfolder else {}
     encoder = CLIPVisionModelWithProjection.from_pretrained(source, **kw)
@@ -436,13 +451,22 @@ def build_components(cfg: MultiViewModelConfig) -> MultiViewComponents:
     """All components for ``cfg`` (see the module docstring for what ``model.pretrained`` may name)."""
     if cfg.pretrained is None:
         return random_components(
-            cfg.preset, cfg.init_seed, condition_concat=cfg.condition_concat, unet_channels=cfg.unet_channels
+            cfg.preset,
+            cfg.init_seed,
+            condition_concat=cfg.condition_concat,
+            unet_channels=cfg.unet_channels,
+            latent_channels=cfg.latent_channels,
         )
     src = cfg.pretrained
     if cfg.unet_channels is not None:
         raise ValueError(
             f"model.unet_channels={list(cfg.unet_channels)} sizes a randomly initialised UNet, but "
             f"model.pretrained={src!r} brings its own; set model.unet_channels=null"
+        )
+    if cfg.latent_channels is not None:
+        raise ValueError(
+            f"model.latent_channels={cfg.latent_channels} sizes a randomly initialised VAE, but "
+            f"model.pretrained={src!r} brings its own; set model.latent_channels=null"
         )
     index = _read_index(src)
     kind = pretrained_kind(index)
