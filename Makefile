@@ -52,7 +52,7 @@ GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_
 
 .PHONY: help setup system-deps test test-fast demo data train-stage sweep export eval-gso lint clean \
         bench-data bench-multiview bench-sparse bench-recon bench-texture bench-pipeline bench-multiview-follow \
-        bench-view-ceiling \
+        bench-view-ceiling bench-retrieval-ceiling \
         ship-multiview
 .PHONY: bench-gpu gpu-wheels
 
@@ -164,6 +164,10 @@ bench-multiview-follow: $(STAMP) ## does stage 1 follow its input: held-out iden
 
 bench-view-ceiling: $(STAMP) ## how much one condition view determines: mask IoU of a perfect sampler (procedural objects)
 	$(PY) benchmarks/bench_view_ceiling.py $(ARGS)
+
+bench-retrieval-ceiling: $(STAMP) ## mask IoU of copying the nearest training examples (SHIP_DATA) on held-out objects (FOLLOW_DATA)
+	$(PY) benchmarks/bench_retrieval_ceiling.py --train '$(SHIP_DATA)/shard-*.tar' --heldout '$(FOLLOW_DATA)/shard-*.tar' \
+		--pipeline $(if $(PIPELINE),$(PIPELINE),$(SHIPPED_MULTIVIEW)/export) $(ARGS)
 
 ship-multiview: $(STAMP) ## retrain the shipped tiny multi-view model -> checkpoints/tiny/multiview (+ MODEL_CARD.md)
 	$(CLI) data build --source procedural --num-objects $(SHIP_N) --out $(SHIP_DATA) \
