@@ -359,8 +359,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"need at least 2 held-out objects, got {len(samples)}")
     cond = condition_images(samples, int(pipe.config.cond_size), fill, raw=args.raw_condition)
     truth = torch.stack([s["grid"] for s in samples]).float()
-    guidance = args.guidance if args.guidance is not None else float(pipe.config.get("guidance_scale", 4.0))
-    steps = args.steps if args.steps is not None else int(pipe.config.get("num_inference_steps", 28))
+    steps, guidance = pipe.sampling_defaults(args.steps, args.guidance)
     out = pipe(
         cond,
         num_inference_steps=steps,

@@ -31,14 +31,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_multiview_follow import follow_metrics, silhouette, vae_roundtrip
-from PIL import Image
+from bench_multiview_follow import condition_images, follow_metrics, silhouette, vae_roundtrip
 
 from one2345pp.data.decode import composite, read_rgba
 from one2345pp.data.framing import ALPHA_THRESHOLD
 from one2345pp.demo.heldout import shard_fields
 from one2345pp.models.multiview_pipeline import GRAY, MultiViewDiffusionPipeline
-from one2345pp.pipeline.preprocess import PreprocessConfig, preprocess_image
 
 MAX_CONDITIONS = 16  # cond0 .. cond15 are looked for in each sample
 
@@ -53,10 +51,8 @@ def box_share(rgba: np.ndarray) -> float:
 
 
 def framed_silhouette(rgba: np.ndarray, fill: float) -> np.ndarray:
-    """The condition through the product's preprocessing (at its own size), as a flat boolean silhouette."""
-    rgb, _ = preprocess_image(Image.fromarray(rgba), PreprocessConfig(size=rgba.shape[0], fill=fill))
-    image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
-    return silhouette(image).flatten().numpy()
+    """The condition through the product's input path (at its own size), as a flat boolean silhouette."""
+    return silhouette(condition_images([{"cond": rgba}], rgba.shape[0], fill)[0]).flatten().numpy()
 
 
 def read_pairs(patterns: list[str], first_only: bool, limit: int | None, fill: float) -> dict:
@@ -108,12 +104,19 @@ def nearest(held: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
     return iou.topk(min(k, len(train)), dim=1).indices.numpy()
 
 
-def score_subset(held: dict, train: dict, subset: np.ndarray, k: int, zoom: bool, vae=None) -> dict:
-    fill_zoom = (lambda d, i: d["fill"] / d["shares"][i]) if zoom else (lambda d, i: None)
-    truth = grids_on_gray(held["grids"], fill_zoom(held, slice(None)))
+def score_subset(
+    held: dict, train: dict, subset: np.ndarray, k: int, scale_fill: float | None = None, vae=None
+) -> dict:
+    """1-NN and k-NN-mean scores of the held-out pairs against the training pairs ``subset``; ``scale_fill``: the
+    grids at the input's scale, each zoomed by ``scale_fill`` / its condition's box share."""
+
+    def grids(d: dict, rows) -> torch.Tensor:
+        return grids_on_gray(d["grids"][rows], None if scale_fill is None else scale_fill / d["shares"][rows])
+
+    truth = grids(held, slice(None))
     top = subset[nearest(held["sil"], train["sil"][subset], k)]  # [H, k] indices into train
-    first = grids_on_gray(train["grids"][top[:, 0]], fill_zoom(train, top[:, 0]))
-    mean = torch.stack([grids_on_gray(train["grids"][row], fill_zoom(train, row)).mean(0) for row in top])
+    first = grids(train, top[:, 0])
+    mean = torch.stack([grids(train, row).mean(0) for row in top])
     one, many = follow_metrics(first, truth), follow_metrics(mean, truth)
     out = {
         "conditions": len(subset),
@@ -147,7 +150,6 @@ def main(argv=None) -> dict:
     train = read_pairs(args.train, False, None, args.fill)
     if set(held["uids"]) & set(train["uids"]):
         raise ValueError("held-out and training shards share objects: use a held-out seed")
-    held["fill"] = train["fill"] = args.fill
     vae = MultiViewDiffusionPipeline.from_pretrained(args.pipeline).vae if args.pipeline else None
     total = len(train["uids"])
     sizes = sorted({s for s in args.sizes if 0 < s < total} | {total})
@@ -156,9 +158,9 @@ def main(argv=None) -> dict:
     for size in sizes:
         subset = np.sort(rng.permutation(total)[:size])
         with torch.no_grad():
-            row = {"size": size, "rendered": score_subset(held, train, subset, args.neighbours, False, vae)}
+            row = {"size": size, "rendered": score_subset(held, train, subset, args.neighbours, vae=vae)}
             if args.input_scale:
-                row["input_scale"] = score_subset(held, train, subset, args.neighbours, True)
+                row["input_scale"] = score_subset(held, train, subset, args.neighbours, scale_fill=args.fill)
         rows.append(row)
     result = {
         "bench": "retrieval_ceiling",

@@ -57,18 +57,17 @@ def test_the_nearest_silhouette_of_a_copy_is_the_copy():
 def test_copies_of_the_held_out_pairs_score_a_perfect_nearest_neighbour():
     grids = np.stack([square_grid(h, v) for h, v in ((2, 200), (5, 30), (7, 120))])
     sil = np.stack([bench.silhouette(bench.grids_on_gray(g[None]))[0, :V, :V].flatten().numpy() for g in grids])
-    held = {"sil": sil, "grids": grids, "shares": np.array([0.3, 0.6, 0.9]), "fill": 0.6}
+    held = {"sil": sil, "grids": grids, "shares": np.array([0.3, 0.6, 0.9])}
     noise = np.random.default_rng(1).random(sil.shape) > 0.5
     train = {
         "sil": np.concatenate([noise, sil]),
         "grids": np.concatenate([grids[::-1], grids]),
         "shares": np.array([0.9, 0.6, 0.3, 0.3, 0.6, 0.9]),
-        "fill": 0.6,
     }
-    for zoom in (False, True):
-        r = bench.score_subset(held, train, np.arange(6), 1, zoom)
+    for scale_fill in (None, 0.6):
+        r = bench.score_subset(held, train, np.arange(6), 1, scale_fill)
         assert r["nn1_mask_iou"] == pytest.approx(1.0)
         assert r["knn_mean_mask_iou"] == pytest.approx(1.0)
         assert r["nn1_psnr"] > 60
-    other = bench.score_subset(held, train, np.arange(3), 1, False)  # only the noise silhouettes to pick from
+    other = bench.score_subset(held, train, np.arange(3), 1)  # only the noise silhouettes to pick from
     assert other["nn1_mask_iou"] < 1.0

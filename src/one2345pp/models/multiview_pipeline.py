@@ -100,6 +100,10 @@ LATENT_SHIFT, LATENT_SCALE = 0.22, 0.75
 IMAGE_SCALE = 0.5 / 0.8
 SD_SCALING_FACTOR = 0.18215  # Stable Diffusion's VAE scaling factor, the one Zero123++'s reference latent is read with
 SAMPLERS = ("euler_a", "ddim")
+# what a folder without its own sampling defaults (written before they were recorded) is sampled with: the method's
+# guidance 4 and the published pipeline's 28 steps
+DEFAULT_GUIDANCE_SCALE = 4.0
+DEFAULT_NUM_INFERENCE_STEPS = 28
 
 
 # --------------------------------------------------------------------------------------------------- normalisation
@@ -436,8 +440,8 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         view_size: int = 320,
         cond_size: int = 320,
         condition_concat: bool = False,
-        guidance_scale: float = 4.0,
-        num_inference_steps: int = 28,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
     ):
         super().__init__()
         install_reference_attention(unet)
@@ -482,6 +486,17 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         device = self._execution_device
         return hidden.to(device=device, dtype=self.unet.dtype), ref.to(device=device, dtype=self.unet.dtype)
 
+    def sampling_defaults(
+        self, num_inference_steps: int | None = None, guidance_scale: float | None = None
+    ) -> tuple[int, float]:
+        """(steps, guidance) to sample with: each given value, else the folder's own (the sampling it was validated
+        with), else the defaults of folders that do not record them."""
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS)
+        if guidance_scale is None:
+            guidance_scale = self.config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        return int(num_inference_steps), float(guidance_scale)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -505,8 +520,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        if num_inference_steps is None:
-            num_inference_steps = int(self.config.get("num_inference_steps", 28))
+        num_inference_steps, guidance_scale = self.sampling_defaults(num_inference_steps, guidance_scale)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         view_size = int(view_size or self.config.view_size)
@@ -517,8 +531,6 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={value} must be a multiple of the VAE downsampling factor {factor}")
         single = not isinstance(image, (list, tuple)) and not (isinstance(image, torch.Tensor) and image.ndim == 4)
         device = self._execution_device
-        if guidance_scale is None:
-            guidance_scale = float(self.config.get("guidance_scale", 4.0))
         guided = guidance_scale > 1.0
         refs, clip_input = condition_inputs(image, cond_size, self.feature_extractor)
         hidden, ref_latents = self.encode_inputs(refs, clip_input, guided, generator)

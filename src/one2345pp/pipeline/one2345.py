@@ -359,8 +359,7 @@ class One2345PPPipeline:
         def pick(value, default):
             return default if value is None else value
 
-        mv_guidance = pick(s.guidance_scale, self.multiview.config.get("guidance_scale", 4.0))
-        mv_steps = pick(s.num_inference_steps, self.multiview.config.get("num_inference_steps", 28))
+        mv_steps, mv_guidance = self.multiview.sampling_defaults(s.num_inference_steps, s.guidance_scale)
         run = {
             "seed": int(given["seed"]),
             "num_inference_steps": int(pick(given["num_inference_steps"], mv_steps)),
