@@ -107,6 +107,28 @@ def test_resumed_loss_continues_the_logged_curve(tmp_path):
     assert resumed[5] - before[4] == pytest.approx(reference[5] - reference[4], rel=1e-4, abs=1e-7)
 
 
+class Worsening(Toy):
+    """val/loss grows with every validation: the top-k checkpoint stays at the first one."""
+
+    def validation_step(self, batch, _):
+        self.log("val/loss", float(self.global_step))
+
+
+def test_last_checkpoint_is_the_latest_state_when_the_monitored_metric_stops_improving(tmp_path):
+    c = cfg(tmp_path, save_top_k=1)
+    c.trainer.max_steps = 20  # validations after the epochs of 8 batches (steps 8, 16); training stops at 20
+    trainer, directory = fit("toy", c, Worsening(), ToyData())
+    ckpts = directory / "ckpts"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step0000008.ckpt"]
+    last = torch.load(ckpts / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 20  # Lightning's save_last alone left it at the top-k step, 8
+    assert torch.equal(last["state_dict"]["w.weight"], trainer.lightning_module.w.weight.detach())
+    c = cfg(tmp_path, save_top_k=1, resume="last")
+    c.trainer.max_steps = 24
+    trainer, _ = fit("toy", c, Worsening(), ToyData())
+    assert trainer.global_step == 24 and torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 24
+
+
 def test_resume_last_without_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="last.ckpt"):
         fit("toy", cfg(tmp_path, name="nothing", resume="last"), Toy(), ToyData())

@@ -3,6 +3,7 @@ resume from, and the callbacks every run gets (per-rank seeds, the logging step 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lightning.pytorch import Trainer, seed_everything
@@ -40,13 +41,13 @@ def build_trainer(cfg_trainer: TrainerConfig, run: RunConfig, directory: Path, s
         dirpath=str(directory / "ckpts"),
         filename="step{step:07d}",
         auto_insert_metric_name=False,
-        save_last=True,
+        save_last=False,  # LatestCheckpoint owns last.ckpt
         save_top_k=run.save_top_k if run.monitor else 0,
         monitor=run.monitor,
         every_n_train_steps=run.every_n_train_steps,
     )
     logger = make_logger(run, directory, stage)
-    cbs = [ckpt, *callbacks]
+    cbs = [ckpt, LatestCheckpoint(directory / "ckpts" / LAST_CHECKPOINT), *callbacks]
     t = cfg_trainer
     if t.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in cbs):
         line_progress = progress_callback(stage, max(1, t.log_every_n_steps))  # None on a terminal: Lightning's bar
@@ -73,6 +74,39 @@ def build_trainer(cfg_trainer: TrainerConfig, run: RunConfig, directory: Path, s
         logger=logger,
         callbacks=cbs,
     )
+
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class LatestCheckpoint(Callback):
+    """Writes ``last.ckpt``, the state resume and export read, after every validation and when training ends.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` (2.6) writes ``last.ckpt`` only at steps where it also writes a
+    top-k or interval checkpoint: with a monitored ``val/loss`` it stays at the latest improvement, so a run that
+    stopped improving resumed from an earlier step and exported older weights (a 20000-step run left it at 19250).
+    Written under a temporary name and renamed, so an interrupted write leaves the previous one whole.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._written_step = -1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._write(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer) -> None:
+        if trainer.global_step == self._written_step or trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(str(tmp))  # every rank calls it: rank 0 writes, then all meet at a barrier
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        self._written_step = trainer.global_step
 
 
 class RankSeed(Callback):
