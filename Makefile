@@ -34,7 +34,10 @@ EVAL_OUT    ?= outputs/eval-gso
 # the shipped tiny multi-view model (make ship-multiview) and the held-out objects it is measured on
 SHIPPED_MULTIVIEW ?= checkpoints/tiny/multiview
 SHIP_N      ?= 8192
-SHIP_STEPS  ?= 12000
+# one cosine schedule per listed end: "12000 20000 28000" trains to 12000, then resumes twice with the schedule
+# recomputed to end at the next value (warm restarts at 0.41 and 0.27 of the peak rate; docs/multiview_conditioning.md
+# section 24); a run that already holds ckpts/last.ckpt resumes from it
+SHIP_STEPS  ?= 12000 20000 28000
 SHIP_DATA   ?= data/ship-multiview
 FOLLOW_SEED ?= 3000
 FOLLOW_DATA ?= data/heldout-follow
@@ -172,16 +175,18 @@ bench-retrieval-ceiling: $(STAMP) ## mask IoU of copying the nearest training ex
 ship-multiview: $(STAMP) ## retrain the shipped tiny multi-view model -> checkpoints/tiny/multiview (+ MODEL_CARD.md)
 	$(CLI) data build --source procedural --num-objects $(SHIP_N) --out $(SHIP_DATA) \
 		--config experiments/tiny/data.yaml --workers $(WORKERS)
-	@run=checkpoints/multiview/ship; resume=$$(test -f $$run/ckpts/last.ckpt && echo run.resume=last); \
-	start=$$(date +%s); \
-	$(CLI) train --stage multiview --config experiments/tiny/multiview.yaml data.train_shards=$(SHIP_DATA) \
-		run.name=ship trainer.max_steps=$(SHIP_STEPS) $$resume $(ARGS) || exit 1; \
+	@run=checkpoints/multiview/ship; start=$$(date +%s); \
+	for steps in $(SHIP_STEPS); do \
+		resume=$$(test -f $$run/ckpts/last.ckpt && echo run.resume=last); \
+		$(CLI) train --stage multiview --config experiments/tiny/multiview.yaml data.train_shards=$(SHIP_DATA) \
+			run.name=ship trainer.max_steps=$$steps $$resume $(ARGS) || exit 1; \
+	done; \
 	seconds=$$(( $$(date +%s) - start )); \
 	$(CLI) export --stage multiview --run $$run || exit 1; \
 	$(MAKE) --no-print-directory bench-multiview-follow PIPELINE=$$run/export ARGS= || exit 1; \
 	$(PY) tools/ship_run.py --run $$run --data $(SHIP_DATA) --bench $(FOLLOW_OUT)/follow.json \
 		--train-seconds $$seconds --out $(SHIPPED_MULTIVIEW) \
-		--command "make ship-multiview SHIP_N=$(SHIP_N) SHIP_STEPS=$(SHIP_STEPS)$(if $(ARGS), ARGS='$(ARGS)',)"
+		--command "make ship-multiview SHIP_N=$(SHIP_N) SHIP_STEPS='$(SHIP_STEPS)'$(if $(ARGS), ARGS='$(ARGS)',)"
 
 bench-pipeline: $(STAMP) ## seconds per stage for one image: the demo's tiny pipeline (CPU), full preset (CUDA)
 	$(PY) benchmarks/bench_pipeline.py $(ARGS)
