@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -127,6 +127,22 @@ def test_last_checkpoint_is_the_latest_state_when_the_monitored_metric_stops_imp
     c.trainer.max_steps = 24
     trainer, _ = fit("toy", c, Worsening(), ToyData())
     assert trainer.global_step == 24 and torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 24
+
+
+def test_last_checkpoint_follows_the_step_interval_between_validations(tmp_path):
+    class Probe(Callback):  # runs after the run's own callbacks: sees last.ckpt as a crash at this step would
+        seen = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            last = tmp_path / "toy" / "r" / "ckpts" / "last.ckpt"
+            if last.is_file():
+                self.seen[trainer.global_step] = torch.load(last, weights_only=True)["global_step"]
+
+    c = cfg(tmp_path, every_n_train_steps=3)
+    c.trainer.max_steps = 7  # one epoch is 8 batches: no validation before the end
+    _, directory = fit("toy", c, Worsening(), ToyData(), [Probe()])
+    assert Probe.seen == {3: 3, 4: 3, 5: 3, 6: 6, 7: 6}
+    assert torch.load(directory / "ckpts" / "last.ckpt", weights_only=True)["global_step"] == 7  # at the end
 
 
 def test_resume_last_without_a_run_is_a_clear_error(tmp_path):

@@ -47,7 +47,7 @@ def build_trainer(cfg_trainer: TrainerConfig, run: RunConfig, directory: Path, s
         every_n_train_steps=run.every_n_train_steps,
     )
     logger = make_logger(run, directory, stage)
-    cbs = [ckpt, LatestCheckpoint(directory / "ckpts" / LAST_CHECKPOINT), *callbacks]
+    cbs = [ckpt, LatestCheckpoint(directory / "ckpts" / LAST_CHECKPOINT, run.every_n_train_steps), *callbacks]
     t = cfg_trainer
     if t.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in cbs):
         line_progress = progress_callback(stage, max(1, t.log_every_n_steps))  # None on a terminal: Lightning's bar
@@ -80,7 +80,8 @@ LAST_CHECKPOINT = "last.ckpt"
 
 
 class LatestCheckpoint(Callback):
-    """Writes ``last.ckpt``, the state resume and export read, after every validation and when training ends.
+    """Writes ``last.ckpt``, the state resume and export read, after every validation, every ``every_n_train_steps``
+    steps (the interval ``run.every_n_train_steps`` also gives the step checkpoints) and when training ends.
 
     Lightning's ``ModelCheckpoint(save_last=True)`` (2.6) writes ``last.ckpt`` only at steps where it also writes a
     top-k or interval checkpoint: with a monitored ``val/loss`` it stays at the latest improvement, so a run that
@@ -88,9 +89,15 @@ class LatestCheckpoint(Callback):
     Written under a temporary name and renamed, so an interrupted write leaves the previous one whole.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, every_n_train_steps: int | None = None):
         self.path = Path(path)
+        self.every_n_train_steps = every_n_train_steps
         self._written_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0:  # (with gradient accumulation, once per step: see _write)
+            self._write(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
