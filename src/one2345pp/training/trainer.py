@@ -107,7 +107,7 @@ class LatestCheckpoint(Callback):
         self._write(trainer)
 
     def _write(self, trainer) -> None:
-        if trainer.global_step == self._written_step or trainer.state.fn != "fit" or trainer.global_step == 0:
+        if trainer.global_step == self._written_step or trainer.state.fn != "fit":
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
         trainer.save_checkpoint(str(tmp))  # every rank calls it: rank 0 writes, then all meet at a barrier
