@@ -96,7 +96,8 @@ class LatestCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = self.every_n_train_steps
-        if n and trainer.global_step % n == 0:  # (with gradient accumulation, once per step: see _write)
+        # global_step counts optimizer steps: with gradient accumulation it stays (0 too) over several batches
+        if n and trainer.global_step > 0 and trainer.global_step % n == 0:
             self._write(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
