@@ -49,7 +49,7 @@ def _stage(name: str, max_steps: int | None, *overrides: str) -> DemoStageConfig
 @dataclass
 class DemoTrainConfig:
     order: list[str] = field(default_factory=lambda: ["coarse", "multiview", "fine", "texture"])  # start order
-    # the shipped tiny multi-view model (checkpoints/tiny/multiview/MODEL_CARD.md, 12000 steps on 8192 objects): 400
+    # the shipped tiny multi-view model (checkpoints/tiny/multiview/MODEL_CARD.md, 28000 steps on 8192 objects): 400
     # steps on the demo's 28 objects follow the input less well (measured with the model shipped before it, 4000
     # steps: val/cond_gain 0.20 vs 0.49, eval F 0.667 vs 0.707); trained here it keeps the 800-step VAE fit it was
     # measured with (the recipe's 1600 steps would add about 9 minutes)

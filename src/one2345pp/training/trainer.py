@@ -13,12 +13,14 @@ from .config import RunConfig, TrainerConfig
 from .loggers import make_logger
 from .progress import progress_callback
 
+LAST_CHECKPOINT = "last.ckpt"  # in RUN/ckpts/: what resume and export read
+
 
 def resume_path(run: RunConfig, directory: Path) -> str | None:
     if run.resume is None:
         return None
     if run.resume == "last":
-        last = directory / "ckpts" / "last.ckpt"
+        last = directory / "ckpts" / LAST_CHECKPOINT
         if not last.is_file():
             raise FileNotFoundError(f"run.resume=last but {last} does not exist (is run.name the run to continue?)")
         return str(last)
@@ -76,9 +78,6 @@ def build_trainer(cfg_trainer: TrainerConfig, run: RunConfig, directory: Path, s
     )
 
 
-LAST_CHECKPOINT = "last.ckpt"
-
-
 class LatestCheckpoint(Callback):
     """Writes ``last.ckpt``, the state resume and export read, after every validation, every ``every_n_train_steps``
     steps (the interval ``run.every_n_train_steps`` also gives the step checkpoints) and when training ends.
@@ -110,8 +109,10 @@ class LatestCheckpoint(Callback):
     def _write(self, trainer) -> None:
         if trainer.global_step == self._written_step or trainer.state.fn != "fit":
             return
+        # not utils.atomic.atomic_file: its temporary name is random per process, and every rank must call
+        # save_checkpoint with the same path (rank 0 writes, or each writes its shard; then all meet at a barrier)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(str(tmp))  # every rank calls it: rank 0 writes, then all meet at a barrier
+        trainer.save_checkpoint(str(tmp))
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         self._written_step = trainer.global_step
