@@ -33,11 +33,11 @@ PIPELINE    ?=
 EVAL_OUT    ?= outputs/eval-gso
 # the shipped tiny multi-view model (make ship-multiview) and the held-out objects it is measured on
 SHIPPED_MULTIVIEW ?= checkpoints/tiny/multiview
-SHIP_N      ?= 8192
-# one cosine schedule per listed end: "12000 20000 28000" trains to 12000, then resumes twice with the schedule
-# recomputed to end at the next value (warm restarts at 0.41 and 0.27 of the peak rate; docs/multiview_conditioning.md
-# section 24); a run that already holds ckpts/last.ckpt resumes from it
-SHIP_STEPS  ?= 12000 20000 28000
+# the training phases, each OBJECTS:STEPS: SHIP_DATA is built (or extended: a rerun skips the objects it holds, and
+# object i of a seed is always the same) to OBJECTS objects, then the run trains (resuming ckpts/last.ckpt when it
+# holds one) on one cosine schedule recomputed to end at STEPS. "8192:12000 8192:20000 8192:28000" trains to 12000,
+# then resumes twice (warm restarts at 0.41 and 0.27 of the peak rate; docs/multiview_conditioning.md section 24)
+SHIP_PHASES ?= 8192:12000 8192:20000 8192:28000
 SHIP_DATA   ?= data/ship-multiview
 FOLLOW_SEED ?= 3000
 FOLLOW_DATA ?= data/heldout-follow
@@ -173,10 +173,16 @@ bench-retrieval-ceiling: $(STAMP) ## mask IoU of copying the nearest training ex
 		--pipeline $(if $(PIPELINE),$(PIPELINE),$(SHIPPED_MULTIVIEW)/export) $(ARGS)
 
 ship-multiview: $(STAMP) ## retrain the shipped tiny multi-view model -> checkpoints/tiny/multiview (+ MODEL_CARD.md)
-	$(CLI) data build --source procedural --num-objects $(SHIP_N) --out $(SHIP_DATA) \
-		--config experiments/tiny/data.yaml --workers $(WORKERS)
+	@test -n "$(strip $(SHIP_PHASES))" || { echo "error: SHIP_PHASES is empty (OBJECTS:STEPS entries)" >&2; exit 1; }; \
+	for phase in $(SHIP_PHASES); do \
+		case "$$phase" in *[!0-9:]*|*:*:*|:*|*:) bad=1;; *:*) bad=;; *) bad=1;; esac; \
+		test -z "$$bad" || { echo "error: SHIP_PHASES entry '$$phase' is not OBJECTS:STEPS (two whole numbers)" >&2; exit 1; }; \
+	done
 	@run=checkpoints/multiview/ship; start=$$(date +%s); \
-	for steps in $(SHIP_STEPS); do \
+	for phase in $(SHIP_PHASES); do \
+		objects=$${phase%%:*}; steps=$${phase##*:}; \
+		$(CLI) data build --source procedural --num-objects $$objects --out $(SHIP_DATA) \
+			--config experiments/tiny/data.yaml --workers $(WORKERS) || exit 1; \
 		resume=$$(test -f $$run/ckpts/last.ckpt && echo run.resume=last); \
 		$(CLI) train --stage multiview --config experiments/tiny/multiview.yaml data.train_shards=$(SHIP_DATA) \
 			run.name=ship trainer.max_steps=$$steps $$resume $(ARGS) || exit 1; \
@@ -186,7 +192,7 @@ ship-multiview: $(STAMP) ## retrain the shipped tiny multi-view model -> checkpo
 	$(MAKE) --no-print-directory bench-multiview-follow PIPELINE=$$run/export ARGS= || exit 1; \
 	$(PY) tools/ship_run.py --run $$run --data $(SHIP_DATA) --bench $(FOLLOW_OUT)/follow.json \
 		--train-seconds $$seconds --out $(SHIPPED_MULTIVIEW) \
-		--command "make ship-multiview SHIP_N=$(SHIP_N) SHIP_STEPS='$(SHIP_STEPS)'$(if $(ARGS), ARGS='$(ARGS)',)"
+		--command "make ship-multiview SHIP_PHASES='$(SHIP_PHASES)'$(if $(ARGS), ARGS='$(ARGS)',)"
 
 bench-pipeline: $(STAMP) ## seconds per stage for one image: the demo's tiny pipeline (CPU), full preset (CUDA)
 	$(PY) benchmarks/bench_pipeline.py $(ARGS)
