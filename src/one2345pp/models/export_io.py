@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..utils.atomic import atomic_files
+from ..utils.run_layout import last_checkpoint
 from .image_features import frozen_prefixes
 
 CONFIG_NAME = "config.json"
@@ -73,7 +74,7 @@ def read_export(folder: str | Path, stage: str) -> tuple[dict, dict[str, torch.T
 def checkpoint_path(run: str | Path) -> Path:
     """A run directory (its ``ckpts/last.ckpt``) or a checkpoint file -> the checkpoint path (must exist)."""
     run = Path(run)
-    path = run / "ckpts" / "last.ckpt" if run.is_dir() else run
+    path = last_checkpoint(run) if run.is_dir() else run
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (give a run directory with ckpts/last.ckpt or a .ckpt file)")
     return path

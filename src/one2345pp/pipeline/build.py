@@ -45,6 +45,7 @@ from ..data.sample import camera_distance
 from ..models.multiview_builders import MultiViewModelConfig
 from ..registry import PIPELINE_STAGES, component_class, export_marker, has_export, stage_module
 from ..texture.settings import SETTINGS_FILE, TextureSettings, load_settings
+from ..utils.run_layout import last_checkpoint, run_of_checkpoint
 from .one2345 import One2345PPPipeline, PipelineSettings, settings_from_dict
 from .preprocess import PreprocessConfig
 
@@ -89,14 +90,14 @@ def resolve_run(stage: str, path: str | os.PathLike) -> RunSource:
         export_dir = p / "export"
         if has_export(stage, export_dir):
             return RunSource(stage, p, p, None, export_dir)
-        ckpt = p / "ckpts" / "last.ckpt"
+        ckpt = last_checkpoint(p)
         if not ckpt.is_file():
             raise FileNotFoundError(
                 f"--{stage} {p}: the run has neither export/{export_marker(stage)} nor ckpts/last.ckpt"
             )
         return RunSource(stage, p, p, ckpt, None)
     if p.is_file():
-        run_dir = p.parent.parent if p.parent.name == "ckpts" else p.parent
+        run_dir = run_of_checkpoint(p)
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"--{stage} {p}: no config.yaml in the run directory {run_dir} of the checkpoint")
         return RunSource(stage, p, run_dir, p, None)

@@ -60,6 +60,7 @@ from one2345pp.training.media import log_image
 from one2345pp.training.optim import OptimConfig, check_optim
 from one2345pp.training.runner import fit
 from one2345pp.utils.atomic import atomic_folder
+from one2345pp.utils.run_layout import last_checkpoint, run_of_checkpoint
 
 from .base import EMAConfig, Stage, export_dir
 from .latent_cache import TargetLatentCache
@@ -546,9 +547,9 @@ def export(run: str | Path, out: str | Path | None = None) -> Path:
     run's ``ckpts/`` -> pipeline folder ``out`` (default ``RUN/export``), EMA weights when the run used EMA."""
     p = Path(run)
     if p.is_dir():
-        run, ckpt = p, p / "ckpts" / "last.ckpt"
+        run, ckpt = p, last_checkpoint(p)
     elif p.is_file():
-        run, ckpt = p.parent.parent, p
+        run, ckpt = run_of_checkpoint(p), p
     else:
         raise FileNotFoundError(f"no run directory or checkpoint at {p}")
     config = run / "config.yaml"

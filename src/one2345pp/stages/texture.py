@@ -76,6 +76,7 @@ from ..training.config import RunConfig, TrainerConfig
 from ..training.media import log_mesh
 from ..training.runner import fit
 from ..utils.atomic import write_json
+from ..utils.run_layout import run_of_checkpoint
 
 __all__ = [
     "TextureDataModule",
@@ -444,7 +445,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path
         folder = run
     elif run.is_file():
         settings = _settings_from_checkpoint(run)
-        folder = run.parent.parent if run.parent.name == "ckpts" else run.parent
+        folder = run_of_checkpoint(run)
     else:
         raise FileNotFoundError(f"no texture run directory or checkpoint at {run}")
     metrics = None

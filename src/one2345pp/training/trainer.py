@@ -9,18 +9,17 @@ from pathlib import Path
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar
 
+from ..utils.run_layout import checkpoint_dir, last_checkpoint
 from .config import RunConfig, TrainerConfig
 from .loggers import make_logger
 from .progress import progress_callback
-
-LAST_CHECKPOINT = "last.ckpt"  # in RUN/ckpts/: what resume and export read
 
 
 def resume_path(run: RunConfig, directory: Path) -> str | None:
     if run.resume is None:
         return None
     if run.resume == "last":
-        last = directory / "ckpts" / LAST_CHECKPOINT
+        last = last_checkpoint(directory)
         if not last.is_file():
             raise FileNotFoundError(f"run.resume=last but {last} does not exist (is run.name the run to continue?)")
         return str(last)
@@ -40,7 +39,7 @@ def _devices(value: str):
 
 def build_trainer(cfg_trainer: TrainerConfig, run: RunConfig, directory: Path, stage: str, callbacks=()):
     ckpt = ModelCheckpoint(
-        dirpath=str(directory / "ckpts"),
+        dirpath=str(checkpoint_dir(directory)),
         filename="step{step:07d}",
         auto_insert_metric_name=False,
         save_last=False,  # LatestCheckpoint owns last.ckpt
@@ -49,7 +48,7 @@ def build_trainer(cfg_trainer: TrainerConfig, run: RunConfig, directory: Path, s
         every_n_train_steps=run.every_n_train_steps,
     )
     logger = make_logger(run, directory, stage)
-    cbs = [ckpt, LatestCheckpoint(directory / "ckpts" / LAST_CHECKPOINT, run.every_n_train_steps), *callbacks]
+    cbs = [ckpt, LatestCheckpoint(last_checkpoint(directory), run.every_n_train_steps), *callbacks]
     t = cfg_trainer
     if t.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in cbs):
         line_progress = progress_callback(stage, max(1, t.log_every_n_steps))  # None on a terminal: Lightning's bar
