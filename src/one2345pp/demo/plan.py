@@ -13,6 +13,7 @@ from pathlib import Path
 from ..data.contact_sheet import write_contact_sheet
 from ..pipeline.build import resolve_run
 from ..utils.atomic import atomic_folder
+from ..utils.run_layout import last_checkpoint
 from .config import STAGE_NAMES, DemoConfig, DemoStageConfig, data_build_config
 from .heldout import FOLDER as HELDOUT
 from .heldout import INDEX as HELDOUT_INDEX
@@ -123,7 +124,7 @@ def stage_task(cfg: DemoConfig, out: Path, name: str, threads: int) -> Task:
     if st.max_steps is not None:
         argv.append(f"trainer.max_steps={st.max_steps}")
     argv += list(st.overrides)
-    if name != "texture" and (run / "ckpts" / "last.ckpt").is_file():
+    if name != "texture" and last_checkpoint(run).is_file():
         argv.append("run.resume=last")  # an interrupted run continues from its last checkpoint
     rel = f"checkpoints/{name}/{RUN_NAME}"
     outputs = [f"{rel}/config.yaml", f"{rel}/export/{'model_index.json' if name == 'multiview' else 'config.json'}"]
