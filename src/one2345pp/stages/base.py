@@ -26,6 +26,7 @@ from ..config import ConfigError, load_config, parse_overrides
 from ..models.export_io import PretrainedMixin, checkpoint_path
 from ..training.ema import EMAWeights
 from ..training.optim import adamw_with_schedule
+from ..utils.run_layout import run_of_checkpoint
 
 __all__ = ["EMAConfig", "Stage", "export_dir", "export_from_checkpoint", "read_stage_config", "renamed_keys"]
 
@@ -207,11 +208,12 @@ def export_from_checkpoint(
 ) -> Path:
     """A run directory (its ``ckpts/last.ckpt``) or a checkpoint file of a 3D stage -> export folder (EMA weights
     when the checkpoint holds them); ``out`` defaults to ``RUN/export`` (for a checkpoint file: the run directory
-    above its ``ckpts/``). ``config_key`` is the checkpoint entry with the network's config."""
+    above its ``ckpts/``, else the file's own folder). ``config_key`` is the checkpoint entry with the network's
+    config."""
     stage = model_cls.export_stage
     ckpt_path = checkpoint_path(run)
     if out is None:
-        out = export_dir(Path(run) if Path(run).is_dir() else ckpt_path.parent.parent)
+        out = export_dir(run_of_checkpoint(ckpt_path))
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     if config_key not in ckpt:
         raise ValueError(f"{ckpt_path} is not a {stage}-stage checkpoint (no {config_key!r})")
