@@ -1,12 +1,14 @@
 """Does the multi-view stage follow its input? Scores an exported multi-view pipeline on held-out objects.
 
     .venv/bin/python benchmarks/bench_multiview_follow.py --pipeline RUN/export --shards data/heldout/shard-*.tar
-        [--limit 16] [--steps N] [--guidance G] [--sampler euler_a|ddim] [--raw-condition] [--diagnose] [--out DIR]
+        [--limit 16] [--steps N] [--guidance G] [--candidates K] [--sampler euler_a|ddim] [--raw-condition]
+        [--diagnose] [--out DIR]
 
 The held-out shards are built by ``one2345pp data build`` from a procedural seed the model never trained on (``make
 bench-multiview-follow`` builds 16 objects of seed 3000 with the tiny data recipe). Each object's condition view goes
 through the product's own input path (``pipeline.preprocess``: framing, gray background) and the pipeline's default
-sampling (Euler-ancestral, the folder's own ``num_inference_steps`` and ``guidance_scale``); the generated 3x2 grid
+sampling (Euler-ancestral, the folder's own ``num_inference_steps``, ``guidance_scale`` and ``num_candidates``: grids
+drawn per input, the one nearest their mean kept); the generated 3x2 grid
 is compared, at the pipeline's view size on gray, with the object's ground-truth grid:
 
 * ``identification``: share of objects whose generated grid is nearer (mean squared error) to their own ground-truth
@@ -334,6 +336,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None, help="default: the pipeline folder's own")
     ap.add_argument("--guidance", type=float, default=None, help="default: the pipeline folder's own")
+    ap.add_argument("--candidates", type=int, default=None, help="grids per input; default: the folder's own")
     ap.add_argument("--sampler", default="euler_a", help="euler_a (the pipeline's default) or ddim")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gamma", type=float, default=5.0, help="Min-SNR gamma of cond_gain (<= 0: unweighted)")
@@ -359,11 +362,12 @@ def main(argv=None) -> dict:
         raise ValueError(f"need at least 2 held-out objects, got {len(samples)}")
     cond = condition_images(samples, int(pipe.config.cond_size), fill, raw=args.raw_condition)
     truth = torch.stack([s["grid"] for s in samples]).float()
-    steps, guidance = pipe.sampling_defaults(args.steps, args.guidance)
+    steps, guidance, candidates = pipe.sampling_defaults(args.steps, args.guidance, args.candidates)
     out = pipe(
         cond,
         num_inference_steps=steps,
         guidance_scale=guidance,
+        num_candidates=candidates,
         sampler=args.sampler,
         generator=torch.Generator().manual_seed(args.seed),
         output_type="pt",
@@ -378,7 +382,7 @@ def main(argv=None) -> dict:
         "pipeline": str(args.pipeline),
         "heldout_seed": heldout_seed(args.shards),
         "framing": framing,
-        "sampling": {"steps": steps, "guidance": guidance, "sampler": args.sampler},
+        "sampling": {"steps": steps, "guidance": guidance, "candidates": candidates, "sampler": args.sampler},
         **follow_metrics(generated, truth),
     }
     gamma = args.gamma if args.gamma > 0 else None
@@ -413,7 +417,8 @@ def print_table(r: dict) -> None:
     smp = r["sampling"]
     print(
         f"multi-view follow-the-input, {r['objects']} held-out objects of seed {r['heldout_seed']}, "
-        f"{smp['steps']} {smp['sampler']} steps, guidance {smp['guidance']:g} ({r['seconds']:.0f} s)"
+        f"{smp['steps']} {smp['sampler']} steps, guidance {smp['guidance']:g}, consensus of {smp['candidates']} "
+        f"({r['seconds']:.0f} s)"
     )
     print(f"| {'figure':38s} | {'measured':>9s} | target |")
     for name, value, target in rows:

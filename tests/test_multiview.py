@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler
 
 from helpers.stage_tester import StageTester, tiny_run_overrides
 from helpers.threads import one_thread  # noqa: F401 (an autouse fixture: one intra-op thread)
-from one2345pp.config import ConfigError, load_config, to_object
+from one2345pp.config import ConfigError, load_config, save_config, to_object
 from one2345pp.data.config import DataConfig, RenderConfig, VolumeConfig
 from one2345pp.models.multiview_builders import (
     MultiViewModelConfig,
@@ -33,7 +33,7 @@ from one2345pp.models.reference_attention import (
     reference_forward,
     self_attention_names,
 )
-from one2345pp.stages.multiview import MultiViewConfig, MultiViewModule, export, load_stage_config
+from one2345pp.stages.multiview import MultiViewConfig, MultiViewModule, check_config, export, load_stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny" / "multiview.yaml"
@@ -664,3 +664,49 @@ def test_condition_concat_hands_the_condition_to_every_tile_and_travels_with_the
     assert (
         build_components(MultiViewModelConfig(pretrained=str(out), condition_concat=True)).unet.config.in_channels == 8
     )
+
+
+def test_consensus_keeps_the_candidate_with_the_least_distance_to_the_others(tmp_path):
+    """num_candidates: each input's grids are drawn as one batch and the one whose summed squared distance to the
+    other candidates is least is returned (a minimum-Bayes-risk choice); the export records the run's count as the
+    call's default, a folder without it samples once, and a count below 1 is refused."""
+    from one2345pp.models.multiview_pipeline import consensus
+
+    flat = torch.tensor([0.0, 0.1, 0.5, 0.9, 0.2, 0.8]).view(6, 1, 1, 1).expand(6, 3, 6, 4)
+    picked = consensus(flat, 3)  # means 0.2 and 0.633: the second and the third candidate
+    assert torch.equal(picked[:, 0, 0, 0], torch.tensor([0.1, 0.8]))
+    assert torch.equal(consensus(flat, 1), flat)
+
+    over = ("ema.enabled=false", "val.num_candidates=3", "train.vae_fit.steps=0")
+    m = module(*over)
+    pipe = m.pipeline()
+    cond = images(1, 32, 32, seed=5)
+    kw = {"num_inference_steps": 2, "guidance_scale": 2.0, "output_type": "pt"}
+    chosen = pipe(cond[0], generator=torch.Generator().manual_seed(4), **kw).grid[0]
+    drawn = pipe(cond.expand(3, -1, -1, -1), generator=torch.Generator().manual_seed(4), num_candidates=1, **kw).grid
+    assert (drawn[0] - drawn[1]).abs().max() > 1e-3  # the candidates differ
+    pairwise = torch.stack([sum((a - b).square().sum() for b in drawn) for a in drawn])
+    torch.testing.assert_close(chosen, drawn[pairwise.argmin()], rtol=0, atol=0)
+    two = pipe(images(2, 32, 32, seed=6), generator=[torch.Generator().manual_seed(i) for i in range(2)], **kw)
+    assert two.grid.shape == (2, 3, 96, 64)  # a generator per input serves all its candidates
+
+    run = tmp_path / "run"  # a run as the trainer leaves it: config.yaml and ckpts/last.ckpt
+    (run / "ckpts").mkdir(parents=True)
+    save_config(load_config(MultiViewConfig, TINY, [*SMALL, *over]), run / "config.yaml")
+    ckpt = {"state_dict": dict(m.state_dict())}
+    m.on_save_checkpoint(ckpt)
+    torch.save(ckpt, run / "ckpts" / "last.ckpt")
+    out = export(run)
+    assert MultiViewDiffusionPipeline.from_pretrained(str(out)).config.num_candidates == 3  # the run's
+    later = MultiViewDiffusionPipeline.from_pretrained(str(export(run, tmp_path / "e2", ["val.num_candidates=5"])))
+    assert later.sampling_defaults() == (2, 2.0, 5)  # sampling defaults chosen after training, the rest the run's
+    with pytest.raises(ConfigError, match=r"sampling defaults the folder records \(val\.\*\), got model.view_size=64"):
+        export(run, tmp_path / "e3", ["model.view_size=64"])
+    index = json.loads((out / "model_index.json").read_text())
+    del index["num_candidates"]  # a folder written before the count was recorded
+    (out / "model_index.json").write_text(json.dumps(index))
+    assert MultiViewDiffusionPipeline.from_pretrained(str(out)).sampling_defaults()[2] == 1
+    with pytest.raises(ValueError, match="num_candidates must be >= 1, got 0"):
+        pipe(cond[0], num_candidates=0, **kw)
+    with pytest.raises(ConfigError, match="val.num_candidates=0"):
+        check_config(config("val.num_candidates=0"))

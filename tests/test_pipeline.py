@@ -72,6 +72,7 @@ def test_output_fields_and_the_fixture_object(tiny_pipeline_dir, reference):
         "seed": 3,
         "num_inference_steps": 4,
         "guidance_scale": 4.0,
+        "num_candidates": 1,  # the fixture's multi-view folder draws one grid per input
         "sampler": "euler_a",
         "coarse_steps": 8,
         "fine_steps": 4,
@@ -312,6 +313,8 @@ def test_export_needs_the_data_facts_and_says_how_to_give_them(runs, tmp_path, c
     assert "missing --coarse, --fine" in capsys.readouterr().err
     assert main(["export", "--stage", "coarse", "--run", str(coarse), "--fine", str(coarse)]) == 2
     assert "takes --run RUN [--out DIR] only (got --fine)" in capsys.readouterr().err
+    assert main(["export", "--stage", "coarse", "--run", str(coarse), "val.num_candidates=2"]) == 2
+    assert "only --stage multiview takes val.* ones" in capsys.readouterr().err
     assert _export(runs, tmp_path / "o4", coarse=tmp_path / "nowhere") == 2
     assert "no such run directory or checkpoint" in capsys.readouterr().err
 

@@ -73,8 +73,8 @@ demo, and why the tiny recipe departs from the paper (`model.condition_concat`),
 ## Measured on held-out objects (procedural seed {bench.get("heldout_seed", "3000")}, never trained on)
 
 `make bench-multiview-follow` ({bench["objects"]} objects, the pipeline's input path and default sampling:
-{bench["sampling"]["steps"]} {bench["sampling"]["sampler"]} steps, guidance {bench["sampling"]["guidance"]:g} (the
-export's default), 64 px views on gray):
+{bench["sampling"]["steps"]} {bench["sampling"]["sampler"]} steps, guidance {bench["sampling"]["guidance"]:g}, the
+consensus of {bench["sampling"].get("candidates", 1)} grids per input (the export's defaults), 64 px views on gray):
 
 | figure | measured | target (issue 13) |
 |---|---|---|

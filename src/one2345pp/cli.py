@@ -125,7 +125,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     e = sub.add_parser(
         "export",
         help="export a trained stage, or build a pipeline folder from runs",
-        description="`export --stage NAME --run RUN [--out DIR]`: one stage's export folder. "
+        description="`export --stage NAME --run RUN [--out DIR]`: one stage's export folder (multiview: "
+        "`val.key=value` overrides set the sampling defaults it records). "
         "`export --multiview RUN --coarse RUN --fine RUN [--texture CONFIG_OR_RUN] --out DIR [key=value ...]`: "
         "the pipeline folder (model_index.json + components); key=value set pipeline settings.",
     )
@@ -204,13 +205,15 @@ def cmd_export(args) -> int:
     pipeline_args = {"--multiview": args.multiview, "--coarse": args.coarse, "--fine": args.fine}
     if args.stage is not None:
         extra = [k for k, v in {**pipeline_args, "--texture": args.texture}.items() if v is not None]
-        if args.run is None or extra or args.overrides:
+        stray = args.overrides if args.stage != "multiview" else []  # only stage 1 records sampling defaults
+        if args.run is None or extra or stray:
             raise ConfigError(
                 "export --stage NAME takes --run RUN [--out DIR] only"
                 + (f" (got {', '.join(extra)})" if extra else "")
-                + (f" (got overrides {' '.join(args.overrides)})" if args.overrides else "")
+                + (f" (got overrides {' '.join(stray)}; only --stage multiview takes val.* ones)" if stray else "")
             )
-        out = _stage_module(args.stage).export(args.run, args.out)
+        kwargs = {"overrides": args.overrides} if args.overrides else {}
+        out = _stage_module(args.stage).export(args.run, args.out, **kwargs)
         print(f"exported {args.stage} to {out}")
         return 0
     missing = [k for k, v in {**pipeline_args, "--out": args.out}.items() if v is None]

@@ -83,6 +83,7 @@ class PipelineCallConfig:
 
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    num_candidates: int | None = None
     sampler: str | None = None
     coarse_steps: int | None = None
     fine_steps: int | None = None

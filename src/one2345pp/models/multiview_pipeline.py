@@ -104,6 +104,7 @@ SAMPLERS = ("euler_a", "ddim")
 # guidance 4 and the published pipeline's 28 steps
 DEFAULT_GUIDANCE_SCALE = 4.0
 DEFAULT_NUM_INFERENCE_STEPS = 28
+DEFAULT_NUM_CANDIDATES = 1  # one sample per input, as published
 
 
 # --------------------------------------------------------------------------------------------------- normalisation
@@ -419,6 +420,24 @@ class MultiViewPipelineOutput(BaseOutput):
     grid: Image.Image | list | torch.Tensor
 
 
+def consensus(grids: torch.Tensor, num_candidates: int) -> torch.Tensor:
+    """Of each input's ``num_candidates`` grids (consecutive along the batch, ``[B * k, 3, H, W]``), the one nearest
+    their mean -> ``[B, 3, H, W]``. That candidate has the least summed squared distance to the others: the
+    minimum-Bayes-risk choice under mean squared error, a sharp sample that agrees most with the rest."""
+    if num_candidates == 1:
+        return grids
+    g = grids.view(-1, num_candidates, *grids.shape[1:])
+    dist = (g.float() - g.float().mean(dim=1, keepdim=True)).square().flatten(2).sum(dim=2)  # [B, k]
+    return g[torch.arange(g.shape[0]), dist.argmin(dim=1)]
+
+
+def _per_candidate(generator, num_candidates: int):
+    """A per-input list of generators repeated for each input's candidates (they draw in turn from it)."""
+    if isinstance(generator, (list, tuple)):
+        return [g for g in generator for _ in range(num_candidates)]
+    return generator
+
+
 def _to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray((x.permute(1, 2, 0).float().cpu().numpy() * 255.0).round().astype(np.uint8))
 
@@ -442,6 +461,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         condition_concat: bool = False,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
+        num_candidates: int = DEFAULT_NUM_CANDIDATES,
     ):
         super().__init__()
         install_reference_attention(unet)
@@ -453,14 +473,15 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
             feature_extractor=feature_extractor,
             conditioner=conditioner,
         )
-        # guidance_scale, num_inference_steps: the defaults of __call__, the sampling the model was validated with
-        # (the method's 4; the published pipeline's 28 steps)
+        # guidance_scale, num_inference_steps, num_candidates: the defaults of __call__, the sampling the model was
+        # validated with (the method's 4; the published pipeline's 28 steps and one sample per input)
         self.register_to_config(
             view_size=view_size,
             cond_size=cond_size,
             condition_concat=condition_concat,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
+            num_candidates=num_candidates,
         )
 
     @torch.no_grad()
@@ -487,15 +508,20 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         return hidden.to(device=device, dtype=self.unet.dtype), ref.to(device=device, dtype=self.unet.dtype)
 
     def sampling_defaults(
-        self, num_inference_steps: int | None = None, guidance_scale: float | None = None
-    ) -> tuple[int, float]:
-        """(steps, guidance) to sample with: each given value, else the folder's own (the sampling it was validated
-        with), else the defaults of folders that do not record them."""
+        self,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_candidates: int | None = None,
+    ) -> tuple[int, float, int]:
+        """(steps, guidance, candidates) to sample with: each given value, else the folder's own (the sampling it
+        was validated with), else the defaults of folders that do not record them."""
         if num_inference_steps is None:
             num_inference_steps = self.config.get("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS)
         if guidance_scale is None:
             guidance_scale = self.config.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
-        return int(num_inference_steps), float(guidance_scale)
+        if num_candidates is None:
+            num_candidates = self.config.get("num_candidates", DEFAULT_NUM_CANDIDATES)
+        return int(num_inference_steps), float(guidance_scale), int(num_candidates)
 
     @torch.no_grad()
     def __call__(
@@ -508,6 +534,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         view_size: int | None = None,
         cond_size: int | None = None,
         output_type: str = "pil",
+        num_candidates: int | None = None,
     ) -> MultiViewPipelineOutput:
         """Generate the six views of ``image`` (PIL / array / tensor in [0, 1], or a list of them).
 
@@ -516,13 +543,20 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         (Euler-ancestral) or ``"ddim"``, over the stored scheduler's config (trailing spacing where this project wrote
         it); ``guidance_scale``: None takes the folder's ``guidance_scale`` (the scale it was validated with, 4 unless
         its training set another), <= 1 turns classifier-free guidance off; ``num_inference_steps``: None takes the
-        folder's (28 unless its training validated another); ``output_type``: ``"pil"`` or ``"pt"``.
+        folder's (28 unless its training validated another); ``output_type``: ``"pil"`` or ``"pt"``;
+        ``num_candidates``: grids drawn per input, of which the one nearest their mean is returned (:func:`consensus`;
+        None takes the folder's, 1 unless its training validated more). A list of generators gives one per input.
         """
+        # 1. the sampling settings and sizes
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        num_inference_steps, guidance_scale = self.sampling_defaults(num_inference_steps, guidance_scale)
+        num_inference_steps, guidance_scale, num_candidates = self.sampling_defaults(
+            num_inference_steps, guidance_scale, num_candidates
+        )
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
         view_size = int(view_size or self.config.view_size)
         cond_size = int(cond_size or self.config.cond_size)
         factor = vae_scale_factor(self.vae)
@@ -532,7 +566,10 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
         single = not isinstance(image, (list, tuple)) and not (isinstance(image, torch.Tensor) and image.ndim == 4)
         device = self._execution_device
         guided = guidance_scale > 1.0
+        # 2. the condition, each input repeated for its candidates
         refs, clip_input = condition_inputs(image, cond_size, self.feature_extractor)
+        refs, clip_input = refs.repeat_interleave(num_candidates, 0), clip_input.repeat_interleave(num_candidates, 0)
+        generator = _per_candidate(generator, num_candidates)
         hidden, ref_latents = self.encode_inputs(refs, clip_input, guided, generator)
         batch = refs.shape[0]
         concat = (None, None)
@@ -540,6 +577,7 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
             refs = torch.cat([torch.full_like(refs, GRAY), refs]) if guided else refs
             concat = concat_condition(self.vae, refs.to(self.vae.device), view_size)
 
+        # 3. denoise from pure noise
         scheduler = make_sampler(sampler, self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=device)
         alphas_cumprod = scheduler.alphas_cumprod
@@ -564,7 +602,8 @@ class MultiViewDiffusionPipeline(DiffusionPipeline):
                 v = v_uncond + guidance_scale * (v_cond - v_uncond)
             latents = scheduler.step(v, t, latents, generator=generator).prev_sample.to(self.unet.dtype)
 
-        grids = decode_latents(self.vae, latents).float()  # [B, 3, 3h, 2w]
+        # 4. decode, keep each input's consensus candidate
+        grids = consensus(decode_latents(self.vae, latents).float(), num_candidates)  # [B, 3, 3h, 2w]
         self.maybe_free_model_hooks()
         if output_type == "pt":
             return MultiViewPipelineOutput(views=untile(grids), grid=grids)

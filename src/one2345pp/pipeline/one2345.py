@@ -77,6 +77,7 @@ class PipelineSettings:
     view_size: int | None = None  # pixels per generated view; None: the multi-view stage's trained size
     num_inference_steps: int | None = None  # None: the multi-view model's own (its folder's num_inference_steps)
     guidance_scale: float | None = None  # None: the multi-view model's own default (its folder's guidance_scale)
+    num_candidates: int | None = None  # multi-view grids drawn, the consensus kept; None: its folder's num_candidates
     sampler: str = "euler_a"  # "euler_a" or "ddim"
     coarse_steps: int = 50
     fine_steps: int = 20
@@ -97,7 +98,7 @@ class PipelineSettings:
             problems.append(f"extent={self.extent} (must lie in (0, 1])")
         if self.view_size is not None and self.view_size < 8:
             problems.append(f"view_size={self.view_size} (must be >= 8 or null)")
-        for key in ("num_inference_steps", "coarse_steps", "fine_steps"):
+        for key in ("num_inference_steps", "num_candidates", "coarse_steps", "fine_steps"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 problems.append(f"{key}={getattr(self, key)} (must be >= 1)")
         if self.sampler not in SAMPLERS:
@@ -296,6 +297,7 @@ class One2345PPPipeline:
         progress: bool = False,
         coarse_guidance: float | None = None,
         fine_guidance: float | None = None,
+        num_candidates: int | None = None,
     ) -> PipelineOutput:
         """Run the whole chain on one image (path, PIL image or array); ``None`` arguments take the settings'
         defaults (the 3D guidance scales: the models' own). The same seed gives the same output.
@@ -307,6 +309,7 @@ class One2345PPPipeline:
             seed=seed,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            num_candidates=num_candidates,
             sampler=sampler,
             coarse_steps=coarse_steps,
             fine_steps=fine_steps,
@@ -359,11 +362,14 @@ class One2345PPPipeline:
         def pick(value, default):
             return default if value is None else value
 
-        mv_steps, mv_guidance = self.multiview.sampling_defaults(s.num_inference_steps, s.guidance_scale)
+        mv_steps, mv_guidance, mv_candidates = self.multiview.sampling_defaults(
+            s.num_inference_steps, s.guidance_scale, s.num_candidates
+        )
         run = {
             "seed": int(given["seed"]),
             "num_inference_steps": int(pick(given["num_inference_steps"], mv_steps)),
             "guidance_scale": float(pick(given["guidance_scale"], mv_guidance)),
+            "num_candidates": int(pick(given["num_candidates"], mv_candidates)),
             "sampler": pick(given["sampler"], s.sampler),
             "coarse_steps": int(pick(given["coarse_steps"], s.coarse_steps)),
             "fine_steps": int(pick(given["fine_steps"], s.fine_steps)),
@@ -376,7 +382,7 @@ class One2345PPPipeline:
             "refine": bool(pick(given["refine"], s.refine)),
             "refine_iterations": int(pick(given["refine_iterations"], self.texture.refine.iterations)),
         }
-        for key in ("num_inference_steps", "coarse_steps", "fine_steps"):
+        for key in ("num_inference_steps", "num_candidates", "coarse_steps", "fine_steps"):
             if run[key] < 1:
                 raise ValueError(f"{key} must be >= 1, got {run[key]}")
         return run
@@ -388,6 +394,7 @@ class One2345PPPipeline:
             Image.fromarray(cond_rgb),
             num_inference_steps=run["num_inference_steps"],
             guidance_scale=run["guidance_scale"],
+            num_candidates=run["num_candidates"],
             sampler=run["sampler"],
             generator=torch.Generator(device="cpu").manual_seed(run["seed"]),
             view_size=self.settings.view_size,

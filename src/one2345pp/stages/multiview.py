@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,8 @@ class ValConfig:
     num_images: int = 4  # conditions of the first validation batch sampled at each validation (0: none)
     num_inference_steps: int = 28  # also the exported pipeline's default
     guidance_scale: float = 4.0  # also the exported pipeline's default guidance
+    # also the exported pipeline's default: grids drawn per condition, the one nearest their mean kept (1: as published)
+    num_candidates: int = 1
     sampler: str = "euler_a"  # "euler_a" or "ddim"
     seed: int = 0
 
@@ -172,6 +175,8 @@ def check_config(cfg: MultiViewConfig) -> None:
         problems.append(f"val.sampler={cfg.val.sampler!r} (choose {', '.join(SAMPLERS)})")
     if cfg.val.num_images < 0 or cfg.val.num_inference_steps < 1:
         problems.append(f"val.num_images={cfg.val.num_images} val.num_inference_steps={cfg.val.num_inference_steps}")
+    if cfg.val.num_candidates < 1:
+        problems.append(f"val.num_candidates={cfg.val.num_candidates} (must be >= 1)")
     if problems:
         raise ConfigError("bad multiview config: " + "; ".join(problems))
 
@@ -470,8 +475,9 @@ class MultiViewStage(Stage):
             view_size=self.cfg.model.view_size,
             cond_size=self.cfg.model.cond_size,
             condition_concat=self.cfg.model.condition_concat,
-            guidance_scale=self.cfg.val.guidance_scale,  # the export's default guidance and steps
+            guidance_scale=self.cfg.val.guidance_scale,  # the export's default guidance, steps and candidates
             num_inference_steps=self.cfg.val.num_inference_steps,
+            num_candidates=self.cfg.val.num_candidates,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -504,6 +510,7 @@ class MultiViewStage(Stage):
             batch["cond"][:n],
             num_inference_steps=v.num_inference_steps,
             guidance_scale=v.guidance_scale,
+            num_candidates=v.num_candidates,
             sampler=v.sampler,
             generator=torch.Generator().manual_seed(v.seed),
             output_type="pt",
@@ -542,9 +549,16 @@ def train(config_path=None, overrides=()) -> int:
     return 0
 
 
-def export(run: str | Path, out: str | Path | None = None) -> Path:
+def export(run: str | Path, out: str | Path | None = None, overrides: Sequence[str] = ()) -> Path:
     """``one2345pp export --stage multiview``: a run directory (its ``ckpts/last.ckpt``) or a checkpoint inside a
-    run's ``ckpts/`` -> pipeline folder ``out`` (default ``RUN/export``), EMA weights when the run used EMA."""
+    run's ``ckpts/`` -> pipeline folder ``out`` (default ``RUN/export``), EMA weights when the run used EMA.
+    ``overrides`` (``val.guidance_scale=2 val.num_candidates=4``) change the sampling defaults the folder records
+    from the run's; nothing else of the run can change after training."""
+    other = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("val.")]
+    if other:
+        raise ConfigError(
+            f"export overrides set the sampling defaults the folder records (val.*), got {' '.join(other)}"
+        )
     p = Path(run)
     if p.is_dir():
         run, ckpt = p, last_checkpoint(p)
@@ -555,6 +569,6 @@ def export(run: str | Path, out: str | Path | None = None) -> Path:
     config = run / "config.yaml"
     if not ckpt.is_file() or not config.is_file():
         raise FileNotFoundError(f"export needs {ckpt} and {config}")
-    module = MultiViewStage(to_object(load_stage_config(config)))
+    module = MultiViewStage(to_object(load_stage_config(config, overrides)))
     module.load_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
     return module.export_pretrained(out if out is not None else export_dir(run))
